@@ -1,0 +1,67 @@
+"""One switch for the implementation of every fused op.
+
+`impl="auto"` takes the Triton kernel on CUDA tensors and the pure-PyTorch reference otherwise:
+off CUDA, under `torch.onnx.is_in_onnx_export()`, while dynamo traces, or with `OSTNET_IMPL=reference`
+in the environment. `impl="triton"` forces the kernel (on CPU only under `TRITON_INTERPRET=1`, which the
+tests use); a forced kernel that cannot run raises, it never falls back silently.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("ostnet_fast.kernels")
+IMPLS = ("auto", "reference", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except Exception:  # pragma: no cover - depends on the machine
+        return False
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback_once(op: str, why: str) -> None:
+    log.info("%s: using the PyTorch reference (%s)", op, why)
+
+
+def use_triton(op: str, impl: str, *tensors: torch.Tensor | None) -> bool:
+    """Decide whether `op` runs its Triton kernel for these tensors."""
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = os.environ.get("OSTNET_IMPL", "auto")
+        if impl not in IMPLS:
+            raise ValueError(f"OSTNET_IMPL must be one of {IMPLS}, got {impl!r}")
+    if impl == "reference":
+        return False
+    present = [t for t in tensors if t is not None]
+    on_cuda = all(t.is_cuda for t in present)
+    if impl == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{op}: impl='triton' but triton is not installed (pip install triton)")
+        if not on_cuda and not interpreting():
+            raise RuntimeError(f"{op}: impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 on CPU")
+        return True
+    # auto
+    if torch.onnx.is_in_onnx_export():
+        return False
+    if torch.compiler.is_compiling():
+        _log_fallback_once(op, "traced by torch.compile")
+        return False
+    if not on_cuda:
+        return False
+    if not triton_available():
+        _log_fallback_once(op, "triton is not installed")
+        return False
+    return True

@@ -1,0 +1,3 @@
+from .ostnet import OSTNet, SourceState
+
+__all__ = ["OSTNet", "SourceState"]

@@ -1,0 +1,134 @@
+"""FOMM's building blocks, with FOMM's module and parameter names (so FOMM checkpoints load).
+
+Every conv -> BN -> ReLU (-> pool / after upsample) block goes through `kernels.zconv_block`, which adds
+an optional per-sample, per-channel vector `zb` (OSTNet's W_i z) without materialising f + zb, and takes
+the fused kernel on CUDA.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import zconv_block
+
+
+class ResBlock2d(nn.Module):
+    """BN -> ReLU -> conv -> BN -> ReLU -> conv, plus the input (FOMM)."""
+
+    def __init__(self, in_features: int, kernel_size=3, padding=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_features, in_features, kernel_size=kernel_size, padding=padding)
+        self.conv2 = nn.Conv2d(in_features, in_features, kernel_size=kernel_size, padding=padding)
+        self.norm1 = nn.BatchNorm2d(in_features, affine=True)
+        self.norm2 = nn.BatchNorm2d(in_features, affine=True)
+
+    def forward(self, x):
+        out = self.conv1(F.relu(self.norm1(x)))
+        out = self.conv2(F.relu(self.norm2(out)))
+        return out + x
+
+
+class _ConvBlock(nn.Module):
+    mode = "same"
+
+    def __init__(self, in_features: int, out_features: int, kernel_size=3, padding=1):
+        super().__init__()
+        self.conv = nn.Conv2d(in_features, out_features, kernel_size=kernel_size, padding=padding)
+        self.norm = nn.BatchNorm2d(out_features, affine=True)
+
+    def forward(self, x, zb: torch.Tensor | None = None, impl: str = "auto"):
+        """x (B, C_in, H, W), zb (B, C_in) added to x before the block (OSTNet's W_i z)."""
+        if self.conv.kernel_size != (3, 3) or self.conv.padding != (1, 1):
+            impl = "reference"  # the fused epilogue is derived for 3x3 convs with padding 1
+        return zconv_block(x, zb, self.conv, self.norm, self.mode, impl=impl)
+
+
+class SameBlock2d(_ConvBlock):
+    """conv -> BN -> ReLU."""
+    mode = "same"
+
+
+class DownBlock2d(_ConvBlock):
+    """conv -> BN -> ReLU -> 2x2 average pool."""
+    mode = "down"
+
+    def __init__(self, in_features, out_features, kernel_size=3, padding=1):
+        super().__init__(in_features, out_features, kernel_size, padding)
+        self.pool = nn.AvgPool2d(kernel_size=(2, 2))  # kept for FOMM's module layout; no parameters
+
+
+class UpBlock2d(_ConvBlock):
+    """nearest 2x upsample -> conv -> BN -> ReLU."""
+    mode = "up"
+
+
+class Encoder(nn.Module):
+    def __init__(self, block_expansion, in_features, num_blocks=3, max_features=256):
+        super().__init__()
+        self.down_blocks = nn.ModuleList([
+            DownBlock2d(in_features if i == 0 else min(max_features, block_expansion * (2 ** i)),
+                        min(max_features, block_expansion * (2 ** (i + 1))))
+            for i in range(num_blocks)])
+
+    def forward(self, x, impl="auto"):
+        outs = [x]
+        for block in self.down_blocks:
+            outs.append(block(outs[-1], impl=impl))
+        return outs
+
+
+class Decoder(nn.Module):
+    def __init__(self, block_expansion, in_features, num_blocks=3, max_features=256):
+        super().__init__()
+        up_blocks = []
+        for i in reversed(range(num_blocks)):
+            in_filters = (1 if i == num_blocks - 1 else 2) * min(max_features, block_expansion * (2 ** (i + 1)))
+            out_filters = min(max_features, block_expansion * (2 ** i))
+            up_blocks.append(UpBlock2d(in_filters, out_filters))
+        self.up_blocks = nn.ModuleList(up_blocks)
+        self.out_filters = block_expansion + in_features
+
+    def forward(self, outs, impl="auto"):
+        outs = list(outs)
+        out = outs.pop()
+        for block in self.up_blocks:
+            out = torch.cat([block(out, impl=impl), outs.pop()], dim=1)
+        return out
+
+
+class Hourglass(nn.Module):
+    def __init__(self, block_expansion, in_features, num_blocks=3, max_features=256):
+        super().__init__()
+        self.encoder = Encoder(block_expansion, in_features, num_blocks, max_features)
+        self.decoder = Decoder(block_expansion, in_features, num_blocks, max_features)
+        self.out_filters = self.decoder.out_filters
+
+    def forward(self, x, impl="auto"):
+        return self.decoder(self.encoder(x, impl=impl), impl=impl)
+
+
+class AntiAliasInterpolation2d(nn.Module):
+    """Gaussian blur then strided subsampling (FOMM): a fixed depthwise conv, buffer `weight`."""
+
+    def __init__(self, channels: int, scale: float):
+        super().__init__()
+        sigma = (1 / scale - 1) / 2
+        kernel_size = 2 * round(sigma * 4) + 1
+        self.ka = kernel_size // 2
+        self.kb = self.ka - 1 if kernel_size % 2 == 0 else self.ka
+        coords = torch.arange(kernel_size, dtype=torch.float32)
+        g = torch.exp(-((coords - (kernel_size - 1) / 2) ** 2) / (2 * sigma ** 2))
+        kernel = g[:, None] * g[None, :]
+        kernel = kernel / kernel.sum()
+        self.register_buffer("weight", kernel.view(1, 1, kernel_size, kernel_size).repeat(channels, 1, 1, 1))
+        self.groups = channels
+        self.scale = scale
+        self.step = int(round(1 / scale))
+
+    def forward(self, x):
+        if self.scale == 1.0:
+            return x
+        out = F.pad(x, (self.ka, self.kb, self.ka, self.kb))
+        out = F.conv2d(out, self.weight.to(out.dtype), groups=self.groups)
+        return out[:, :, ::self.step, ::self.step]

@@ -1,0 +1,36 @@
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+version = {}
+exec((ROOT / "ostnet_fast" / "_version.py").read_text(), version)
+
+setup(
+    name="ostnet-fast",
+    version=version["__version__"],
+    description="OSTNet one-shot talking-head reenactment: training, fused GPU kernels, ONNX/TensorRT export",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "ostnet_fast", "ostnet_fast.model", "ostnet_fast.kernels", "ostnet_fast.train",
+        "ostnet_fast.data", "ostnet_fast.pipeline", "ostnet_fast.runtime", "ostnet_fast.configs",
+    ],
+    # The YAML configs live at the top level (configs/) and ship inside the package.
+    package_dir={"ostnet_fast.configs": "configs"},
+    package_data={"ostnet_fast.configs": ["*.yaml"]},
+    # A floor, not a pin: the user's CUDA build of torch is kept.
+    install_requires=["torch>=2.4", "numpy", "pyyaml", "safetensors>=0.4", "tqdm", "pillow"],
+    extras_require={
+        "video": ["av>=12", "scikit-video>=1.1.11", "scikit-image"],
+        "export": ["onnx>=1.15", "onnxruntime>=1.17", "onnx-graphsurgeon>=0.5", "polygraphy>=0.49",
+                   "onnxscript"],
+        "train": ["av>=12", "tensorboard"],
+        "triton": ["triton>=3.0"],
+        "dev": ["pytest>=8", "triton>=3.0", "av>=12", "scikit-video>=1.1.11", "scikit-image",
+                "onnx>=1.15", "onnxruntime>=1.17", "onnx-graphsurgeon>=0.5", "polygraphy>=0.49",
+                "onnxscript"],
+    },
+    entry_points={"console_scripts": ["ostnet-fast=ostnet_fast.cli:main"]},
+)
