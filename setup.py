@@ -28,6 +28,8 @@ setup(
                    "onnxscript"],
         "train": ["av>=12", "tensorboard"],
         "triton": ["triton>=3.0"],
+        # Builds TensorRT engines on a CPU-only machine (runs them on RTX-class GPUs only).
+        "tensorrt-rtx": ["tensorrt-rtx-cu13-libs", "tensorrt-rtx-cu13-bindings"],
         "dev": ["pytest>=8", "triton>=3.0", "av>=12", "scikit-video>=1.1.11", "scikit-image",
                 "onnx>=1.15", "onnxruntime>=1.17", "onnx-graphsurgeon>=0.5", "polygraphy>=0.49",
                 "onnxscript"],

@@ -77,7 +77,7 @@ class OSTNet(nn.Module):
         if image.dim() != 4 or image.shape[1] != c:
             raise ValueError(f"{name} must be (B, {c}, H, W) in [0, 1], got {tuple(image.shape)}")
         if image.shape[-1] < 16 or image.shape[-2] < 16:
-            raise ValueError(f"{name} is too small: {tuple(image.shape[-2:])}, need at least 16x16")
+            raise ValueError(f"{name} is too small: {tuple(image.shape)}, need at least 16x16")
 
     def encode_source(self, source: torch.Tensor) -> SourceState:
         self.check_image(source, "source")

@@ -1,0 +1,142 @@
+"""OSTNet reference model: shapes, ranges, gradients, caching, and the identity start of its OSTNet parts."""
+import pytest
+import torch
+
+from ostnet_fast import OSTNet, load_config
+from ostnet_fast.model.scale_transform import fiducial_layout
+
+TINY = "tests/configs/tiny.yaml"
+
+
+def make_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return OSTNet(TINY, **kw)
+
+
+def images(b, size=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, size, size, generator=g), torch.rand(b, 3, size, size, generator=g)
+
+
+def test_forward_shapes_and_ranges():
+    model = make_model().eval()
+    src, drv = images(2)
+    with torch.no_grad():
+        out = model(src, drv)
+    k, t, zd = 5, 20, 8
+    assert out["prediction"].shape == (2, 3, 64, 64)
+    assert out["rectified"].shape == (2, 3, 64, 64)
+    assert out["kp_source"]["value"].shape == (2, k, 2)
+    assert out["kp_source"]["jacobian"].shape == (2, k, 2, 2)
+    assert out["z"].shape == (2, zd) and out["fiducials"].shape == (2, t, 2)
+    assert out["occlusion_map"].shape == (2, 1, 16, 16)
+    p = out["prediction"]
+    assert torch.isfinite(p).all() and p.min() >= 0 and p.max() <= 1
+    assert out["kp_driving"]["value"].abs().max() <= 1  # expected coordinates stay inside the frame
+
+
+def test_every_parameter_gets_a_gradient():
+    model = make_model().train()
+    src, drv = images(2)
+    out = model(src, drv)
+    (out["prediction"].mean() + out["rectified"].mean() + out["kp_source"]["value"].sum()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient for {missing}"
+    nonzero = [n for n, p in model.named_parameters() if p.grad.abs().sum() > 0]
+    assert len(nonzero) > 0.8 * len(list(model.parameters()))
+
+
+def test_identity_start_rectified_equals_driving():
+    # F_fc starts at zero: the fiducials are the fixed targets, the TPS is the identity, I_Dh = I_D.
+    model = make_model().eval()
+    src, drv = images(2)
+    with torch.no_grad():
+        out = model(src, drv)
+    torch.testing.assert_close(out["fiducials"], model.scale_transform.target_points.expand(2, -1, -1))
+    # fp32 TPS arithmetic: sample positions are off by ~1e-6 of the frame, so values by ~1e-5.
+    torch.testing.assert_close(out["rectified"], drv, atol=1e-4, rtol=0)
+
+
+def test_zero_W_makes_generator_independent_of_z():
+    model = make_model().eval()
+    model.reset_scale_embedding()
+    src, drv = images(1)
+    with torch.no_grad():
+        state = model.encode_source(src)
+        motion = model.generator.dense_motion_network(state.small, model.kp_detector(drv), state.kp)
+        a = model.generator(state.f1, motion, torch.randn(1, 8))["prediction"]
+        b = model.generator(state.f1, motion, 100 * torch.randn(1, 8))["prediction"]
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_nonzero_W_makes_generator_depend_on_z():
+    model = make_model().eval()  # default init: W random
+    src, drv = images(1)
+    with torch.no_grad():
+        state = model.encode_source(src)
+        motion = model.generator.dense_motion_network(state.small, model.kp_detector(drv), state.kp)
+        a = model.generator(state.f1, motion, torch.zeros(1, 8))["prediction"]
+        b = model.generator(state.f1, motion, torch.ones(1, 8))["prediction"]
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_cached_source_equals_full_forward_and_broadcasts():
+    model = make_model().eval()
+    src, _ = images(1)
+    _, drv = images(3, seed=5)
+    with torch.no_grad():
+        state = model.encode_source(src)
+        batched = model.animate(state, drv)["prediction"]
+        single = torch.cat([model(src, drv[i:i + 1])["prediction"] for i in range(3)])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+def test_relative_kp_transform_is_applied():
+    model = make_model().eval()
+    src, drv = images(1)
+    seen = {}
+
+    def shift(kp):
+        seen["called"] = True
+        return {**kp, "value": kp["value"] + 0.1}
+
+    with torch.no_grad():
+        state = model.encode_source(src)
+        a = model.animate(state, drv)["prediction"]
+        b = model.animate(state, drv, kp_transform=shift)["prediction"]
+    assert seen["called"] and (a - b).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("bad", [(1, 1, 64, 64), (3, 64, 64), (1, 3, 8, 8)])
+def test_bad_image_shapes_raise_with_the_shape(bad):
+    model = make_model().eval()
+    with pytest.raises(ValueError, match=str(tuple(bad)).replace("(", r"\(").replace(")", r"\)")):
+        model.encode_source(torch.rand(*bad))
+
+
+def test_fiducial_layout():
+    p = fiducial_layout(20)
+    assert p.shape == (20, 2)
+    assert p.min() == -1 and p.max() == 1
+    assert len(set(p[:, 0].tolist())) == 5 and len(set(p[:, 1].tolist())) == 4
+    with pytest.raises(ValueError, match="7"):
+        fiducial_layout(7)
+
+
+def test_shipped_configs_build_and_match_the_paper():
+    cfg = load_config("ostnet-vox-256").model
+    assert (cfg.num_kp, cfg.scale_transform.num_fiducials, cfg.generator.num_down_blocks + 1) == (15, 20, 4)
+    assert cfg.kp_detector.temperature == 0.1 and cfg.generator.final_kernel_size == 1
+    fomm = load_config("fomm-vox-256").model
+    assert (fomm.num_kp, fomm.generator.num_down_blocks, fomm.generator.num_bottleneck_blocks) == (10, 2, 6)
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="unknown config"):
+        load_config("no-such-config")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  num_kpp: 3\n")
+    with pytest.raises(ValueError, match="num_kpp"):
+        load_config(bad)
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yaml")
