@@ -1,0 +1,177 @@
+"""Kernel benchmarks: each fused op vs its pure-PyTorch reference / PyTorch's own op, forward and
+forward+backward, at the model's real shapes (batch 1 and 8, 256x256 images, 64x64 / 32x32 features).
+
+    python bench/bench_kernels.py [--out DIR] [--quick]
+
+Rows: op | shape | dtype | mode | ours ms | baseline ms | speedup | GB/s (ours, bytes of inputs+outputs).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import out_dir, print_table, time_ms, write_json  # noqa: E402
+
+from ostnet_fast.kernels import dense_motion as dm  # noqa: E402
+from ostnet_fast.kernels import grid_sample as gs  # noqa: E402
+from ostnet_fast.kernels import tps_grid as tg  # noqa: E402
+from ostnet_fast.kernels import tps_warp as tw  # noqa: E402
+from ostnet_fast.kernels import zconv as zc  # noqa: E402
+from ostnet_fast.model.scale_transform import fiducial_layout  # noqa: E402
+
+DEV = "cuda"
+
+
+def rand(*shape, dtype=torch.float32, grad=False, channels_last=False):
+    t = (torch.rand(*shape, device=DEV) * 2 - 1).to(dtype)
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t.requires_grad_(grad)
+
+
+def nbytes(*ts):
+    return sum(t.numel() * t.element_size() for t in ts if torch.is_tensor(t))
+
+
+def measure(fwd, inputs, mode, iters):
+    """fwd() -> tensor or tuple; mode 'fwd' or 'fwd+bwd' (one shared random upstream gradient)."""
+    if mode == "fwd":
+        with torch.no_grad():
+            return time_ms(fwd, iters=iters)
+    out = fwd()
+    outs = out if isinstance(out, tuple) else (out,)
+    grads = [torch.randn_like(o) for o in outs]
+
+    def step():
+        o = fwd()
+        o = o if isinstance(o, tuple) else (o,)
+        torch.autograd.backward(o, grads)
+    return time_ms(step, iters=iters, grad_to_none=[t for t in inputs if torch.is_tensor(t) and t.requires_grad])
+
+
+def tps_case(b, size, dtype):
+    target = fiducial_layout(20).float().to(DEV)
+    coef = tg.tps_solve(target).float().to(DEV)
+    ctrl = (target + 0.1 * torch.randn(b, 20, 2, device=DEV)).requires_grad_(True)
+    return target, coef, ctrl
+
+
+def cases(quick: bool):
+    batches = (1, 8) if not quick else (8,)
+    for b in batches:
+        for dtype in (torch.float32, torch.float16):
+            target, coef, ctrl = tps_case(b, 256, dtype)
+            img = rand(b, 3, 256, 256, dtype=dtype, grad=True)
+            A = tg.tps_grid_matrix(target, coef, (256, 256)).float()  # (HW, T): the best plain-PyTorch form
+            yield dict(op="tps_grid", shape=f"B{b} 256x256 T20", dtype=dtype, inputs=[ctrl],
+                       ours=lambda: tg.tps_grid(ctrl, target, coef, (256, 256), impl="triton"),
+                       baseline=lambda: tg.tps_grid_reference(ctrl, target, coef, (256, 256)),
+                       torch_best=lambda: (A @ ctrl).view(ctrl.shape[0], 256, 256, 2))
+            yield dict(op="tps_warp", shape=f"B{b} 3x256x256", dtype=dtype, inputs=[img, ctrl],
+                       ours=lambda: tw.tps_warp(img, ctrl.to(img.dtype), target, coef, impl="triton"),
+                       baseline=lambda: F.grid_sample(img, tg.tps_grid_reference(ctrl, target, coef, (256, 256)).to(img.dtype),
+                                                      align_corners=True),
+                       torch_best=lambda: F.grid_sample(img, (A @ ctrl).view(ctrl.shape[0], 256, 256, 2).to(img.dtype),
+                                                        align_corners=True))
+            # grid_sample at the model's shapes: K+1 deformed sources, bottleneck features, channels-last.
+            for label, shape, cl in ((f"B{b}x16 3x64x64", (b * 16, 3, 64, 64), False),
+                                     (f"B{b} 256x64x64", (b, 256, 64, 64), False),
+                                     (f"B{b} 512x32x32 CL", (b, 512, 32, 32), True),
+                                     (f"B{b} 3x256x256", (b, 3, 256, 256), False)):
+                x = rand(*shape, dtype=dtype, grad=True, channels_last=cl)
+                grid = (1.1 * rand(shape[0], shape[2], shape[3], 2)).requires_grad_(True)
+                yield dict(op="grid_sample", shape=label, dtype=dtype, inputs=[x, grid],
+                           ours=lambda x=x, grid=grid: gs.grid_sample(x, grid, impl="triton"),
+                           baseline=lambda x=x, grid=grid: F.grid_sample(x, grid.to(x.dtype), align_corners=True))
+            # dense motion front end and combine, K = 15 at 64x64.
+            k = 15
+            src = rand(b, 3, 64, 64, dtype=dtype, grad=True)
+            kps, kpd = (0.8 * rand(b, k, 2, dtype=dtype)).requires_grad_(True), (0.8 * rand(b, k, 2, dtype=dtype)).requires_grad_(True)
+            jac = (torch.eye(2, device=DEV) + 0.1 * torch.randn(b, k, 2, 2, device=DEV)).to(dtype).requires_grad_(True)
+            yield dict(op="dense_motion_front", shape=f"B{b} K15 3x64x64", dtype=dtype, inputs=[src, kps, kpd, jac],
+                       ours=lambda: dm.dense_motion_front(src, kps, kpd, jac, 0.01, impl="triton"),
+                       baseline=lambda: dm.dense_motion_front_reference(src, kps, kpd, jac, 0.01))
+            for fshape in ((b, 256, 64, 64), (b, 512, 32, 32)):
+                logits = rand(b, k + 1, 64, 64, dtype=dtype, grad=True)
+                motions = (0.9 * rand(b, k + 1, 64, 64, 2, dtype=dtype)).requires_grad_(True)
+                feat = rand(*fshape, dtype=dtype, grad=True)
+                occ = torch.rand(b, 1, 64, 64, device=DEV, dtype=dtype).requires_grad_(True)
+                yield dict(op="dense_motion_combine", shape=f"B{b} K15 feat {fshape[1]}x{fshape[2]}x{fshape[3]}",
+                           dtype=dtype, inputs=[logits, motions, feat, occ],
+                           ours=lambda logits=logits, motions=motions, feat=feat, occ=occ:
+                               dm.dense_motion_combine(logits, motions, feat, occ, impl="triton"),
+                           baseline=lambda logits=logits, motions=motions, feat=feat, occ=occ:
+                               dm.dense_motion_combine_reference(logits, motions, feat, occ))
+            # z-additive blocks of the generator (ostnet-vox-256): down 64->128 @256, 128->256 @128,
+            # 256->512 @64; up 512->256 @32->64.
+            for mode, cin, cout, hw in (("down", 64, 128, 256), ("down", 128, 256, 128), ("down", 256, 512, 64),
+                                        ("up", 512, 256, 32), ("up", 128, 64, 128)):
+                conv = torch.nn.Conv2d(cin, cout, 3, padding=1).to(DEV)
+                norm = torch.nn.BatchNorm2d(cout).to(DEV)
+                with torch.no_grad():
+                    norm.running_mean.uniform_(-0.5, 0.5)
+                    norm.running_var.uniform_(0.5, 2)
+                x = rand(b, cin, hw, hw, dtype=dtype, grad=True)
+                zb = rand(b, cin, dtype=dtype, grad=True)
+                for training in (False, True):
+                    def ours(x=x, zb=zb, conv=conv, norm=norm, mode=mode, training=training):
+                        norm.train(training)
+                        with torch.autocast("cuda", dtype=torch.float16, enabled=x.dtype == torch.float16):
+                            return zc.zconv_block(x, zb, conv, norm, mode, impl="triton")
+
+                    def base(x=x, zb=zb, conv=conv, norm=norm, mode=mode, training=training):
+                        norm.train(training)
+                        with torch.autocast("cuda", dtype=torch.float16, enabled=x.dtype == torch.float16):
+                            return zc.zconv_block_reference(x, zb, conv, norm, mode)
+                    yield dict(op="zconv_block", shape=f"B{b} {mode} {cin}->{cout} @{hw} {'train' if training else 'eval'}",
+                               dtype=dtype, inputs=[x, zb], ours=ours, baseline=base,
+                               modes=("fwd", "fwd+bwd") if training else ("fwd",))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="folder for kernels.json (default: $OUT or bench/results)")
+    ap.add_argument("--quick", action="store_true", help="batch 8 only, fewer iterations")
+    ap.add_argument("--ops", default="", help="comma-separated subset of ops")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_kernels: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    iters = 20 if args.quick else 50
+    wanted = set(filter(None, args.ops.split(",")))
+    rows = []
+    for case in cases(args.quick):
+        if wanted and case["op"] not in wanted:
+            continue
+        for mode in case.get("modes", ("fwd", "fwd+bwd")):
+            row = {"op": case["op"], "shape": case["shape"], "dtype": str(case["dtype"]).replace("torch.", ""), "mode": mode}
+            try:
+                ours = measure(case["ours"], case["inputs"], mode, iters)
+                base = measure(case["baseline"], case["inputs"], mode, iters)
+                row.update(ours_ms=ours["median_ms"], baseline_ms=base["median_ms"],
+                           speedup=base["median_ms"] / ours["median_ms"])
+                if "torch_best" in case:
+                    best = measure(case["torch_best"], case["inputs"], mode, iters)
+                    row.update(torch_best_ms=best["median_ms"], speedup_vs_best=best["median_ms"] / ours["median_ms"])
+                with torch.no_grad():
+                    out = case["ours"]()
+                moved = nbytes(*case["inputs"], *(out if isinstance(out, tuple) else (out,)))
+                row["GB/s"] = moved / (ours["median_ms"] * 1e-3) / 1e9 if mode == "fwd" else None
+            except Exception as e:  # a kernel that fails is a row with its error, not a crashed run
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            rows.append(row)
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    print_table(rows, ["op", "shape", "dtype", "mode", "ours_ms", "baseline_ms", "speedup", "torch_best_ms", "GB/s", "error"])
+    write_json(out_dir(args.out), "kernels", rows,
+               baseline="pure-PyTorch reference (F.grid_sample / F.conv2d + add + BN + ReLU + pool); torch_best = constant-matrix TPS + F.grid_sample")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Shared benchmark plumbing: CUDA-event timing, environment record, JSON + printed table.
+
+Every figure is a ratio to a baseline measured in the same run (DESIGN.md). Timing: CUDA events around
+each call after warm-up, median of many runs, random inputs (never zeros).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def env_info() -> dict:
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, compute_capability=f"{p.major}.{p.minor}", gpu_memory_gib=round(p.total_memory / 2**30, 1),
+                    cudnn=torch.backends.cudnn.version())
+    else:
+        info["gpu"] = None
+    from ostnet_fast import __version__
+    info["ostnet_fast"] = __version__
+    return info
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 10, iters: int = 50, grad_to_none=()) -> dict:
+    """Median / p20 / p80 milliseconds of fn() on the current CUDA stream (CUDA events per call)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        for t in grad_to_none:
+            t.grad = None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
+    return {"median_ms": statistics.median(times), "p20_ms": q(0.2), "p80_ms": q(0.8), "iters": iters}
+
+
+def peak_memory_mib(fn: Callable[[], object]) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def out_dir(arg: str | None) -> Path:
+    path = Path(arg or os.environ.get("OUT") or "bench/results")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+        return "-" if v is None else str(v)
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths)),
+             "-|-".join("-" * w for w in widths)]
+    lines += [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def write_json(path: Path, name: str, rows: list[dict], **extra) -> Path:
+    doc = {"benchmark": name, "env": env_info(), **extra, "rows": rows}
+    file = path / f"{name}.json"
+    file.write_text(json.dumps(doc, indent=2))
+    print(f"wrote {file}", flush=True)
+    return file

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One command for the GPU machine: installs the package (offline), runs the GPU-marked tests and the
+# benchmarks, and writes JSON + printed tables under $OUT (default bench/results/).
+#
+#   bash bench/run_gpu.sh                 # everything
+#   bash bench/run_gpu.sh tests kernels   # a subset: tests kernels model train engines pipeline
+#
+# Nothing here needs the network: the package installs with --no-index --no-build-isolation, and any
+# missing wheels (PyAV, ...) may be carried in .whl/ beside this repo's root.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0  # never NVLink multicast on shared hosts
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ostnet-site .whl/*.whl \
+    && export PYTHONPATH=/tmp/ostnet-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
+  || echo "run_gpu.sh: pip install -e . failed offline; using the source tree on PYTHONPATH"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(tests kernels model train engines pipeline)
+status=0
+for stage in "${stages[@]}"; do
+  echo "=== $stage ==="
+  case "$stage" in
+    tests)    python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    kernels)  python3 bench/bench_kernels.py --out "$OUT" ${KERNEL_ARGS:-} > "$OUT/kernels.txt" 2>&1 || status=1; tail -n 80 "$OUT/kernels.txt" ;;
+    model)    python3 bench/bench_model.py --out "$OUT" ${MODEL_ARGS:-} || status=1 ;;
+    train)    python3 bench/bench_train.py --out "$OUT" ${TRAIN_ARGS:-} || status=1 ;;
+    engines)  python3 bench/bench_engines.py --out "$OUT" ${ENGINE_ARGS:-} || status=1 ;;
+    pipeline) python3 bench/bench_pipeline.py --out "$OUT" ${PIPELINE_ARGS:-} || status=1 ;;
+    *) echo "run_gpu.sh: unknown stage '$stage' (tests kernels model train engines pipeline)"; status=2 ;;
+  esac
+done
+exit $status
