@@ -1,0 +1,107 @@
+"""Whole-model benchmark: one reenactment frame with the source cached (OSTNet.animate), batch 1 and 8,
+fp32 and fp16 (autocast): reference eager vs torch.compile of the reference (default and
+reduce-overhead = CUDA graphs) vs fused kernels vs fused + CUDA graphs. ms/frame, FPS, peak memory,
+ratios to reference eager and to the best torch.compile, and fused-vs-reference output difference.
+
+    python bench/bench_model.py [--out DIR] [--config ostnet-vox-256] [--quick] [--no-compile]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import out_dir, peak_memory_mib, print_table, time_ms, write_json  # noqa: E402
+
+from ostnet_fast import OSTNet  # noqa: E402
+from ostnet_fast.runtime.cuda_graph import GraphedStep  # noqa: E402
+
+
+def make_step(model, state, dtype):
+    def step(driving):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=dtype == torch.float16):
+            return model.animate(state, driving)["prediction"]
+    return step
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out")
+    ap.add_argument("--config", default="ostnet-vox-256")
+    ap.add_argument("--quick", action="store_true", help="fewer iterations")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--dtypes", default="float16,float32")
+    ap.add_argument("--channels-last", action="store_true", help="fused path in channels-last memory format")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_model: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.backends.cudnn.benchmark = True
+    iters = 20 if args.quick else 50
+    torch.manual_seed(0)
+    ref = OSTNet(args.config).cuda().eval()
+    fused = OSTNet(args.config, fused=True).cuda().eval()
+    fused.load_state_dict(ref.state_dict())
+    if args.channels_last:
+        fused = fused.to(memory_format=torch.channels_last)
+    size = ref.config.image_size
+    source = torch.rand(1, 3, size, size, device="cuda")
+    rows = []
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=dtype == torch.float16):
+            ref_state = ref.encode_source(source)
+            fused_state = fused.encode_source(source)
+        for b in map(int, args.batches.split(",")):
+            driving = torch.rand(b, 3, size, size, device="cuda")
+            variants = {"reference eager": make_step(ref, ref_state, dtype)}
+            if not args.no_compile:
+                variants["reference compile"] = ("compile", "default")
+                variants["reference compile reduce-overhead"] = ("compile", "reduce-overhead")
+            variants["fused eager"] = make_step(fused, fused_state, dtype)
+            variants["fused + CUDA graphs"] = "graph"
+            base_ms = None
+            best_compile_ms = None
+            ref_out = variants["reference eager"](driving).float().clone()
+            for name, fn in variants.items():
+                row = {"variant": name, "batch": b, "dtype": dtype_name}
+                try:
+                    t0 = time.perf_counter()
+                    if isinstance(fn, tuple):
+                        torch._dynamo.reset()
+                        fn = torch.compile(make_step(ref, ref_state, dtype), mode=fn[1])
+                        fn(driving)
+                        fn(driving)
+                    elif fn == "graph":
+                        graphed = GraphedStep(make_step(fused, fused_state, dtype), (driving,))
+                        fn = lambda x, g=graphed: g(x)
+                    row["setup_s"] = time.perf_counter() - t0
+                    out = fn(driving).float()
+                    row["max_abs_vs_reference"] = (out - ref_out).abs().max().item()
+                    t = time_ms(lambda: fn(driving), iters=iters)
+                    row.update(ms_per_batch=t["median_ms"], ms_per_frame=t["median_ms"] / b,
+                               fps=1000 * b / t["median_ms"], peak_mib=peak_memory_mib(lambda: fn(driving)))
+                    if name == "reference eager":
+                        base_ms = t["median_ms"]
+                    if name.startswith("reference compile"):
+                        best_compile_ms = min(best_compile_ms or t["median_ms"], t["median_ms"])
+                    row["speedup_vs_eager"] = base_ms / t["median_ms"] if base_ms else None
+                    row["speedup_vs_best_compile"] = best_compile_ms / t["median_ms"] if best_compile_ms else None
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {e}"[:400]
+                rows.append(row)
+                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    print_table(rows, ["variant", "batch", "dtype", "ms_per_frame", "fps", "peak_mib", "speedup_vs_eager",
+                       "speedup_vs_best_compile", "max_abs_vs_reference", "error"])
+    write_json(out_dir(args.out), "model", rows, config=args.config,
+               note="one frame = OSTNet.animate with the source cached; random weights and inputs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
