@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--dtypes", default="float16,float32")
     ap.add_argument("--channels-last", action="store_true", help="fused path in channels-last memory format")
+    ap.add_argument("--variants", default="", help="comma-separated subset, e.g. 'reference eager,fused + CUDA graphs'")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_model: needs a CUDA GPU", file=sys.stderr)
@@ -65,6 +66,8 @@ def main(argv=None) -> int:
                 variants["reference compile reduce-overhead"] = ("compile", "reduce-overhead")
             variants["fused eager"] = make_step(fused, fused_state, dtype)
             variants["fused + CUDA graphs"] = "graph"
+            wanted = set(filter(None, args.variants.split(",")))
+            variants = {k: v for k, v in variants.items() if not wanted or k in wanted or k == "reference eager"}
             base_ms = None
             best_compile_ms = None
             ref_out = variants["reference eager"](driving).float().clone()

@@ -1,0 +1,64 @@
+"""Where a reenactment frame spends its GPU time: torch.profiler over OSTNet.animate (source cached),
+grouped by module stage and by kernel. Use it before optimising anything.
+
+    python bench/profile_model.py [--fused] [--batch 1] [--fp16] [--top 25]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from ostnet_fast import OSTNet
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", default="ostnet-vox-256")
+    ap.add_argument("--fused", action="store_true")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--fp16", action="store_true")
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_model: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.backends.cudnn.benchmark = True
+    model = OSTNet(args.config, fused=args.fused).cuda().eval()
+    size = model.config.image_size
+    src = torch.rand(1, 3, size, size, device="cuda")
+    drv = torch.rand(args.batch, 3, size, size, device="cuda")
+    stages = {"kp_detector": model.kp_detector, "dense_motion": model.generator.dense_motion_network,
+              "scale_transform": model.scale_transform}
+    hooks = []
+    for name, mod in stages.items():
+        hooks.append(mod.register_forward_pre_hook(lambda m, a, n=name: m.__dict__.setdefault("_rf", []).append(
+            record_function(f"stage::{n}").__enter__())))
+        hooks.append(mod.register_forward_hook(lambda m, a, o: m.__dict__["_rf"].pop().__exit__(None, None, None)))
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=args.fp16):
+        state = model.encode_source(src)
+        for _ in range(5):
+            model.animate(state, drv)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                with record_function("frame"):
+                    model.animate(state, drv)
+            torch.cuda.synchronize()
+    for h in hooks:
+        h.remove()
+    events = prof.key_averages()
+    kernels = sum(e.device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    launches = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"GPU kernel time per frame-batch: {kernels / 10 / 1000:.3f} ms over {launches / 10:.0f} kernels")
+    for e in events:
+        if e.key.startswith("stage::"):
+            print(f"{e.key:32s} {e.device_time_total / e.count / 1000:8.3f} ms GPU/call  x{e.count // 10}/frame")
+    print(events.table(sort_by="device_time_total", row_limit=args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
