@@ -53,11 +53,13 @@ def main(argv=None) -> int:
     size = ref.config.image_size
     source = torch.rand(1, 3, size, size, device="cuda")
     rows = []
+    wanted = set(filter(None, args.variants.split(",")))
+    run_fused = not wanted or any(w.startswith("fused") for w in wanted)
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=dtype == torch.float16):
             ref_state = ref.encode_source(source)
-            fused_state = fused.encode_source(source)
+            fused_state = fused.encode_source(source) if run_fused else None
         for b in map(int, args.batches.split(",")):
             driving = torch.rand(b, 3, size, size, device="cuda")
             variants = {"reference eager": make_step(ref, ref_state, dtype)}
@@ -66,7 +68,6 @@ def main(argv=None) -> int:
                 variants["reference compile reduce-overhead"] = ("compile", "reduce-overhead")
             variants["fused eager"] = make_step(fused, fused_state, dtype)
             variants["fused + CUDA graphs"] = "graph"
-            wanted = set(filter(None, args.variants.split(",")))
             variants = {k: v for k, v in variants.items() if not wanted or k in wanted or k == "reference eager"}
             base_ms = None
             best_compile_ms = None

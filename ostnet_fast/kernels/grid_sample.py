@@ -2,13 +2,40 @@
 
 Convention (the whole package): grids hold (x, y) in [-1, 1], x along width; -1 and +1 are the centres of
 the corner pixels (align_corners=True, FOMM's convention). Sample points outside the image read zeros.
+
+Triton path (what is fused, and the design limits):
+- forward: one program owns BLOCK_P output pixels of one sample; it reads their grid points once, computes
+  the 4 tap addresses and weights once, then loops over the channels BLOCK_C at a time. NCHW and
+  channels-last inputs are read in place (strides passed, the unit stride a constexpr so channels-last
+  loads are vectorised along C); the output has the input's memory format and dtype; maths in fp32
+  (fp64 for fp64 inputs, which the CPU tests use).
+- backward, one kernel, flags for the grads that are needed (ctx.needs_input_grad):
+  grid grad: each output pixel owns its (x, y) gradient, reduced over channels in registers, no atomics.
+  input grad: a scatter (any grid may map many outputs to one input pixel), done with fp32 atomics
+  (`sem="relaxed"`) into a zero-filled fp32 buffer with the input's strides, cast to the input dtype at the
+  end (no cast when the input is fp32). Contention is low by construction: a program handles a tile of
+  output pixels and loops over channels, so the weights are computed once per pixel and each atomic is
+  one (pixel, channel) pair; neighbouring outputs usually hit neighbouring inputs, at most ~4 writers per
+  input element for smooth warps. A gather formulation would need the inverse map (not available for an
+  arbitrary grid), so it was not an option; the result is not bitwise deterministic (fp32 add order).
+- limits: C * H_in * W_in and H * W * 2 of one sample below 2**31 (int32 offsets), B <= 65535; the
+  grid is made contiguous; an input that is neither NCHW- nor channels-last-dense is copied to NCHW.
+  The fp16/bf16 path computes coordinates from the grid in fp32 (the reference first rounds the grid to
+  the input dtype, so low-precision results differ from it by that rounding, not by our arithmetic).
+  Not twice differentiable (backward is once_differentiable).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
+from . import _triton_utils as tu
 from ._dispatch import use_triton
+
+if tu.HAS_TRITON:
+    import triton
+    import triton.language as tl
 
 
 def grid_sample_reference(input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -17,10 +44,152 @@ def grid_sample_reference(input: torch.Tensor, grid: torch.Tensor) -> torch.Tens
                          align_corners=True)
 
 
+if tu.HAS_TRITON:
+
+    @triton.jit
+    def _grid_sample_fwd_kernel(
+        in_ptr,  # (B, C, H_in, W_in) input, NCHW or channels-last
+        grid_ptr,  # (B, H, W, 2) contiguous grid, (x, y) in [-1, 1]
+        out_ptr,  # (B, C, H, W) output, the input's memory format and dtype
+        C, H_in, W_in, HW,  # HW = H * W output pixels per sample
+        s_b, s_c, s_h, s_w,  # input strides
+        o_b, o_c, o_p,  # output strides of a sample, a channel, a flat pixel h * W + w
+        CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        if CHANNELS_LAST:
+            s_c = 1
+            o_c = 1
+        else:
+            s_w = 1
+            o_p = 1
+        pid = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < HW
+        gx, gy = tu.load_grid(grid_ptr + b * HW * 2, offs_p, mask_p, ACC)
+        off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1 = tu.bilinear_taps(
+            gx, gy, H_in, W_in, mask_p, s_h, s_w)
+        tu.sample_fwd_channels(in_ptr + b * s_b, out_ptr + b * o_b, C, s_c, o_c, o_p, offs_p, mask_p,
+                               off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1,
+                               ACC=ACC, BLOCK_C=BLOCK_C)
+
+    # Backward maths (derived in _triton_utils.sample_bwd_channels): with ix = (gx + 1) / 2 * (W_in - 1),
+    #   dL/dgx = dL/dix * (W_in - 1) / 2,   dL/dgy = dL/diy * (H_in - 1) / 2,
+    # dL/dix = sum_c g_c (wy0 (v01 - v00) + wy1 (v11 - v10)); input grad scattered with the tap weights.
+    @triton.jit
+    def _grid_sample_bwd_kernel(
+        in_ptr,  # (B, C, H_in, W_in) saved input
+        grid_ptr,  # (B, H, W, 2) contiguous saved grid
+        gout_ptr,  # (B, C, H, W) upstream grad, the input's memory format
+        gin_ptr,  # (B, C, H_in, W_in) fp32/fp64 zero-filled input grad, the input's strides
+        ggrid_ptr,  # (B, H, W, 2) grid grad, the grid's dtype
+        C, H_in, W_in, HW,
+        s_b, s_c, s_h, s_w,  # input (and gin) strides
+        g_b, g_c, g_p,  # upstream grad strides of a sample, a channel, a flat pixel
+        CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+        NEED_INPUT_GRAD: tl.constexpr, NEED_GRID_GRAD: tl.constexpr,
+    ):
+        if CHANNELS_LAST:
+            s_c = 1
+            g_c = 1
+        else:
+            s_w = 1
+            g_p = 1
+        pid = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < HW
+        gx, gy = tu.load_grid(grid_ptr + b * HW * 2, offs_p, mask_p, ACC)
+        off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1 = tu.bilinear_taps(
+            gx, gy, H_in, W_in, mask_p, s_h, s_w)
+        dix, diy = tu.sample_bwd_channels(in_ptr + b * s_b, gout_ptr + b * g_b, gin_ptr + b * s_b, C, s_c, g_c,
+                                          g_p, offs_p, mask_p, off00, off01, off10, off11, m00, m01, m10, m11,
+                                          wx1, wy1, ACC=ACC, BLOCK_C=BLOCK_C, NEED_INPUT_GRAD=NEED_INPUT_GRAD,
+                                          NEED_GRID_GRAD=NEED_GRID_GRAD)
+        if NEED_GRID_GRAD:
+            tu.store_grid(ggrid_ptr + b * HW * 2, offs_p, mask_p, dix * (0.5 * (W_in - 1)), diy * (0.5 * (H_in - 1)))
+
+
+def _prepare(input: torch.Tensor, grid: torch.Tensor):
+    if not input.is_floating_point() or not grid.is_floating_point():
+        raise TypeError(f"grid_sample: floating-point input and grid expected, got {input.dtype} and {grid.dtype}")
+    if input.device != grid.device:
+        raise ValueError(f"grid_sample: input on {input.device} but grid on {grid.device}")
+    b, c, h_in, w_in = input.shape
+    _, h, w, _ = grid.shape
+    tu.check_launch("grid_sample", b, max(c * h_in * w_in, c * h * w, h * w * 2))
+    return tu.dense_4d(input), grid.contiguous()
+
+
+def _grid_sample_fwd(input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """input (B, C, H_in, W_in) NCHW/channels-last, grid (B, H, W, 2) contiguous -> (B, C, H, W)."""
+    b, c, h_in, w_in = input.shape
+    _, h, w, _ = grid.shape
+    cl = tu.is_channels_last(input)
+    out = tu.empty_output((b, c, h, w), device=input.device, dtype=input.dtype,
+                          memory_format=tu.memory_format(cl))
+    if out.numel() == 0:
+        return out
+    block_p, block_c, warps = tu.sample_blocks(c, cl)
+    launch = (triton.cdiv(h * w, block_p), b)
+    _grid_sample_fwd_kernel[launch](
+        in_ptr=input, grid_ptr=grid, out_ptr=out, C=c, H_in=h_in, W_in=w_in, HW=h * w,
+        s_b=input.stride(0), s_c=input.stride(1), s_h=input.stride(2), s_w=input.stride(3),
+        o_b=out.stride(0), o_c=out.stride(1), o_p=tu.pixel_stride(out),
+        CHANNELS_LAST=cl, ACC=tu.acc_dtype(input), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
+    return out
+
+
+def _grid_sample_bwd(grad_out: torch.Tensor, input: torch.Tensor, grid: torch.Tensor, need_input: bool,
+                     need_grid: bool):
+    """-> (grad_input or None, grad_grid or None)."""
+    b, c, h_in, w_in = input.shape
+    _, h, w, _ = grid.shape
+    cl = tu.is_channels_last(input)
+    grad_out = grad_out.contiguous(memory_format=tu.memory_format(cl))
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    # zeros_like keeps the strides of a dense input exactly, so gin shares the input's strides.
+    gin = torch.zeros_like(input, dtype=acc) if need_input else None
+    ggrid = tu.empty_output(grid.shape, device=grid.device, dtype=grid.dtype) if need_grid else None
+    if grad_out.numel() == 0:
+        if ggrid is not None:
+            ggrid.zero_()
+        return (gin.to(input.dtype) if gin is not None else None), ggrid
+    block_p, block_c, warps = tu.sample_blocks(c, cl)
+    launch = (triton.cdiv(h * w, block_p), b)
+    _grid_sample_bwd_kernel[launch](
+        in_ptr=input, grid_ptr=grid, gout_ptr=grad_out, gin_ptr=gin if need_input else input,
+        ggrid_ptr=ggrid if need_grid else grid, C=c, H_in=h_in, W_in=w_in, HW=h * w,
+        s_b=input.stride(0), s_c=input.stride(1), s_h=input.stride(2), s_w=input.stride(3),
+        g_b=grad_out.stride(0), g_c=grad_out.stride(1), g_p=tu.pixel_stride(grad_out),
+        CHANNELS_LAST=cl, ACC=tu.acc_dtype(input), BLOCK_P=block_p, BLOCK_C=block_c,
+        NEED_INPUT_GRAD=need_input, NEED_GRID_GRAD=need_grid, num_warps=warps)
+    if gin is not None and gin.dtype != input.dtype:
+        gin = gin.to(input.dtype)
+    return gin, ggrid
+
+
+class GridSampleFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        input, grid = _prepare(input, grid)
+        ctx.save_for_backward(input, grid)
+        return _grid_sample_fwd(input, grid)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        input, grid = ctx.saved_tensors
+        need_input, need_grid = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_input or need_grid):
+            return None, None
+        return _grid_sample_bwd(grad_out, input, grid, need_input, need_grid)
+
+
 def grid_sample(input: torch.Tensor, grid: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     if input.dim() != 4 or grid.dim() != 4 or grid.shape[-1] != 2 or grid.shape[0] != input.shape[0]:
         raise ValueError(f"grid_sample: input must be (B, C, H, W) and grid (B, H, W, 2), got "
                          f"{tuple(input.shape)} and {tuple(grid.shape)}")
     if use_triton("grid_sample", impl, input, grid):
-        raise NotImplementedError("grid_sample: Triton kernel not written yet")
+        return GridSampleFn.apply(input, grid)
     return grid_sample_reference(input, grid)

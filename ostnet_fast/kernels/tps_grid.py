@@ -6,13 +6,31 @@ those fiducials sit in the INPUT image. The map f(p) = sum_i w_i U(|p - t_i|) + 
 U(r) = r^2 log r^2 (U(0) = 0), interpolates f(t_i) = c_i exactly. Its coefficients [w; a] = coef @ C,
 where coef = L^-1[:, :T] of the (T+3)x(T+3) TPS system, solved once in float64 (`tps_solve`), so the
 forward pass has no inverse or solve (ONNX/TensorRT friendly).
+
+Triton path (what is fused, and the design limits):
+- forward: params = coef @ C, (B, T+3, 2), is tiny and done in torch (fp32, fp64 for fp64 control
+  points). One program then owns BLOCK_P pixels of one sample and evaluates the map from the radial basis
+  in registers, as a (BLOCK_P, BLOCK_T) tile of U(|p - t_i|): no (H*W, T) matrix is ever materialised.
+- backward (to the control points only; target points and coef are constants, they get no grad):
+  dL/dw_i = sum_p U_i(p) g(p), dL/da = sum_p (1, x, y) g(p), reduced per program in registers and
+  written to a (B, programs, T+3, 2) partial buffer (no atomics, deterministic), summed in torch; then
+  dL/dC = coef^T @ dL/dparams.
+- limits: T <= 128 (the basis tile lives in registers), H * W * 2 < 2**31, B <= 65535. The output has the
+  control points' dtype (the reference's); the maths is fp32 (fp64 for fp64 control points).
+  Not twice differentiable (backward is once_differentiable).
 """
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
+from . import _triton_utils as tu
 from ._dispatch import use_triton
 from .geometry import pixel_coordinates
+
+if tu.HAS_TRITON:
+    import triton
+    import triton.language as tl
 
 
 def tps_radial(d2: torch.Tensor) -> torch.Tensor:
@@ -69,9 +87,122 @@ def check_tps_args(control_points: torch.Tensor, target_points: torch.Tensor, co
         raise ValueError(f"coef must be ({t + 3}, {t}), got {tuple(coef.shape)}")
 
 
+if tu.HAS_TRITON:
+
+    @triton.jit
+    def _tps_grid_fwd_kernel(
+        par_ptr,  # (B, T+3, 2) contiguous params [w; a], ACC dtype
+        tgt_ptr,  # (T, 2) contiguous target fiducials, ACC dtype
+        grid_ptr,  # (B, H, W, 2) output grid, the control points' dtype
+        T, HW, W, H1, W1,  # H1 = max(H - 1, 1), W1 = max(W - 1, 1)
+        ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < HW
+        px, py = tu.pixel_xy(offs_p, W, H1, W1, ACC)
+        u = tu.tps_basis(px, py, tgt_ptr, T, ACC, BLOCK_T)  # (BLOCK_P, BLOCK_T)
+        gx, gy = tu.tps_eval(px, py, u, par_ptr + b * (T + 3) * 2, T, ACC, BLOCK_T)
+        tu.store_grid(grid_ptr + b * HW * 2, offs_p, mask_p, gx, gy)
+
+    # Backward maths: f(p) = sum_i w_i U_i(p) + a_0 + a_x x + a_y y is linear in the params, so with
+    # g(p) = dL/dgrid(p): dL/dw_i = sum_p U_i(p) g(p), dL/da_0 = sum_p g(p), dL/da_x = sum_p x g(p),
+    # dL/da_y = sum_p y g(p) (per output coordinate). Each program reduces its pixels (tu.tps_params_grad).
+    @triton.jit
+    def _tps_grid_bwd_kernel(
+        ggrid_ptr,  # (B, H, W, 2) contiguous upstream grad
+        tgt_ptr,  # (T, 2) contiguous target fiducials, ACC dtype
+        part_ptr,  # (B, programs, T+3, 2) partial dL/dparams, ACC dtype
+        T, HW, W, H1, W1,
+        ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < HW
+        px, py = tu.pixel_xy(offs_p, W, H1, W1, ACC)
+        ggx, ggy = tu.load_grid(ggrid_ptr + b * HW * 2, offs_p, mask_p, ACC)  # 0 at masked pixels
+        u = tu.tps_basis(px, py, tgt_ptr, T, ACC, BLOCK_T)
+        tu.tps_params_grad(px, py, u, ggx, ggy, part_ptr + (b * tl.num_programs(0) + pid) * (T + 3) * 2, T,
+                           BLOCK_T)
+
+
+TPS_BLOCK_P = 128  # pixels per program; the basis tile is (128, next_pow2(T)) = 4k fp32 for T = 20
+
+
+def tps_blocks(t: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_T) for the TPS kernels; raises past the register-tile limit on T."""
+    if t > tu.MAX_FIDUCIALS:
+        raise ValueError(f"TPS kernels keep the basis in registers: T must be <= {tu.MAX_FIDUCIALS}, got {t}")
+    block_t = max(tu.next_pow2(t), 2)
+    return max(16, min(TPS_BLOCK_P, 4096 // block_t)), block_t
+
+
+def tps_params(control_points: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """(B, T, 2) -> contiguous (B, T+3, 2) [w; a] = coef @ C in fp32 (fp64 for fp64 control points)."""
+    dtype = torch.promote_types(control_points.dtype, torch.float32)
+    return (coef.to(dtype) @ control_points.to(dtype)).contiguous()
+
+
+def tps_params_backward(part: torch.Tensor, coef: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, programs, T+3, 2) partial dL/dparams -> dL/dC (B, T, 2) = coef^T @ sum of the partials."""
+    grad_params = part.sum(dim=1)  # (B, T+3, 2)
+    return (coef.to(grad_params.dtype).transpose(0, 1) @ grad_params).to(dtype)
+
+
+def _tps_grid_fwd(params: torch.Tensor, target: torch.Tensor, size: tuple[int, int], out_dtype) -> torch.Tensor:
+    """params (B, T+3, 2), target (T, 2), both contiguous in the compute dtype -> grid (B, H, W, 2)."""
+    b, t = params.shape[0], target.shape[0]
+    h, w = size
+    grid = tu.empty_output((b, h, w, 2), device=params.device, dtype=out_dtype)
+    if grid.numel() == 0:
+        return grid
+    tu.check_launch("tps_grid", b, h * w * 2)
+    block_p, block_t = tps_blocks(t)
+    _tps_grid_fwd_kernel[(triton.cdiv(h * w, block_p), b)](
+        par_ptr=params, tgt_ptr=target, grid_ptr=grid, T=t, HW=h * w, W=w, H1=max(h - 1, 1), W1=max(w - 1, 1),
+        ACC=tu.acc_dtype(params), BLOCK_P=block_p, BLOCK_T=block_t, num_warps=4)
+    return grid
+
+
+def _tps_grid_bwd(grad_grid: torch.Tensor, target: torch.Tensor, coef: torch.Tensor, dtype) -> torch.Tensor:
+    """grad_grid (B, H, W, 2) -> dL/dC (B, T, 2) in `dtype`."""
+    b, h, w, _ = grad_grid.shape
+    t = target.shape[0]
+    block_p, block_t = tps_blocks(t)
+    programs = triton.cdiv(h * w, block_p)
+    part = tu.empty_output((b, programs, t + 3, 2), device=grad_grid.device, dtype=target.dtype)
+    if grad_grid.numel() > 0:
+        _tps_grid_bwd_kernel[(programs, b)](
+            ggrid_ptr=grad_grid.contiguous(), tgt_ptr=target, part_ptr=part, T=t, HW=h * w, W=w,
+            H1=max(h - 1, 1), W1=max(w - 1, 1), ACC=tu.acc_dtype(target), BLOCK_P=block_p, BLOCK_T=block_t,
+            num_warps=4)
+    return tps_params_backward(part, coef, dtype)
+
+
+class TpsGridFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, control_points: torch.Tensor, target_points: torch.Tensor, coef: torch.Tensor,
+                size: tuple[int, int]) -> torch.Tensor:
+        params = tps_params(control_points, coef)  # (B, T+3, 2)
+        target = target_points.to(params.dtype).contiguous()  # (T, 2)
+        ctx.save_for_backward(target, coef)
+        ctx.control_dtype = control_points.dtype
+        return _tps_grid_fwd(params, target, size, control_points.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_grid: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        target, coef = ctx.saved_tensors
+        return _tps_grid_bwd(grad_grid, target, coef, ctx.control_dtype), None, None, None
+
+
 def tps_grid(control_points: torch.Tensor, target_points: torch.Tensor, coef: torch.Tensor,
              size: tuple[int, int], impl: str = "auto") -> torch.Tensor:
     check_tps_args(control_points, target_points, coef)
     if use_triton("tps_grid", impl, control_points):
-        raise NotImplementedError("tps_grid: Triton kernel not written yet")
+        return TpsGridFn.apply(control_points, target_points, coef, tuple(size))
     return tps_grid_reference(control_points, target_points, coef, size)

@@ -1,11 +1,37 @@
-"""TPS warp: image + control points -> warped image (the grid is never written to memory when fused)."""
+"""TPS warp: image + control points -> warped image (the grid is never written to memory when fused).
+
+Convention: see tps_grid.py (TPS map, control vs target points) and grid_sample.py (bilinear, zeros
+padding, align_corners=True).
+
+Triton path (what is fused, and the design limits):
+- forward, ONE kernel: a program owns BLOCK_P output pixels of one sample, evaluates the TPS map for
+  them in registers (the (BLOCK_P, T) radial-basis tile, params = coef @ C precomputed in torch, tiny),
+  then samples the image bilinearly, looping over channels with the tap weights computed once (the same
+  device functions as grid_sample, `_triton_utils`). No grid tensor is written or read.
+- backward, ONE kernel, flags for the grads that are needed: the grid is recomputed in registers; image
+  grad is scattered with fp32 atomics into a zero-filled buffer as in grid_sample's backward (see its
+  header for why atomics and why contention stays low); the grid grad of each pixel is reduced over
+  channels in registers and chained straight into the TPS params reduction (dL/dw_i = sum_p U_i(p) g(p),
+  affine rows likewise), written per program to a (B, programs, T+3, 2) partial buffer (no atomics) that
+  torch sums; dL/dC = coef^T @ dL/dparams. Target points and coef are constants: no grad.
+- NCHW and channels-last images (output in the image's memory format and dtype); maths in fp32 (fp64 when
+  the image or the control points are fp64). The reference rounds the grid to the control points' and
+  then the image's dtype; the fused path keeps it in fp32, so fp16/bf16 results differ by that rounding.
+- limits: T <= 128, C * H * W of one sample < 2**31, B <= 65535; not twice differentiable.
+"""
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
+from . import _triton_utils as tu
 from ._dispatch import use_triton
 from .grid_sample import grid_sample_reference
-from .tps_grid import check_tps_args, tps_grid_reference
+from .tps_grid import check_tps_args, tps_blocks, tps_grid_reference, tps_params, tps_params_backward
+
+if tu.HAS_TRITON:
+    import triton
+    import triton.language as tl
 
 
 def tps_warp_reference(image: torch.Tensor, control_points: torch.Tensor, target_points: torch.Tensor,
@@ -16,6 +42,162 @@ def tps_warp_reference(image: torch.Tensor, control_points: torch.Tensor, target
     return grid_sample_reference(image, grid)
 
 
+if tu.HAS_TRITON:
+
+    @triton.jit
+    def _tps_warp_fwd_kernel(
+        img_ptr,  # (B, C, H_in, W_in) image, NCHW or channels-last
+        par_ptr,  # (B, T+3, 2) contiguous TPS params [w; a], ACC dtype
+        tgt_ptr,  # (T, 2) contiguous target fiducials, ACC dtype
+        out_ptr,  # (B, C, H, W) output, the image's memory format and dtype
+        C, H_in, W_in, T, HW, W, H1, W1,  # H1 = max(H - 1, 1), W1 = max(W - 1, 1)
+        s_b, s_c, s_h, s_w,  # image strides
+        o_b, o_c, o_p,  # output strides of a sample, a channel, a flat pixel h * W + w
+        CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        if CHANNELS_LAST:
+            s_c = 1
+            o_c = 1
+        else:
+            s_w = 1
+            o_p = 1
+        pid = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < HW
+        px, py = tu.pixel_xy(offs_p, W, H1, W1, ACC)
+        u = tu.tps_basis(px, py, tgt_ptr, T, ACC, BLOCK_T)  # (BLOCK_P, BLOCK_T)
+        gx, gy = tu.tps_eval(px, py, u, par_ptr + b * (T + 3) * 2, T, ACC, BLOCK_T)
+        off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1 = tu.bilinear_taps(
+            gx, gy, H_in, W_in, mask_p, s_h, s_w)
+        tu.sample_fwd_channels(img_ptr + b * s_b, out_ptr + b * o_b, C, s_c, o_c, o_p, offs_p, mask_p,
+                               off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1,
+                               ACC=ACC, BLOCK_C=BLOCK_C)
+
+    # Backward maths: out(p) = bilinear(image, f(p)), f = TPS map linear in params.
+    #   dL/dgrid(p) = (dL/dix * (W_in - 1) / 2, dL/diy * (H_in - 1) / 2)   (tu.sample_bwd_channels)
+    #   dL/dparams = sum_p [U_1(p) .. U_T(p), 1, x, y]^T dL/dgrid(p)         (tu.tps_params_grad)
+    # The grid grad never leaves registers; masked pixels carry 0.
+    @triton.jit
+    def _tps_warp_bwd_kernel(
+        img_ptr,  # (B, C, H_in, W_in) saved image
+        par_ptr,  # (B, T+3, 2) contiguous params, ACC dtype
+        tgt_ptr,  # (T, 2) contiguous target fiducials, ACC dtype
+        gout_ptr,  # (B, C, H, W) upstream grad, the image's memory format
+        gin_ptr,  # (B, C, H_in, W_in) fp32/fp64 zero-filled image grad, the image's strides
+        part_ptr,  # (B, programs, T+3, 2) partial dL/dparams, ACC dtype
+        C, H_in, W_in, T, HW, W, H1, W1,
+        s_b, s_c, s_h, s_w,  # image (and gin) strides
+        g_b, g_c, g_p,  # upstream grad strides
+        CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_C: tl.constexpr, NEED_INPUT_GRAD: tl.constexpr, NEED_GRID_GRAD: tl.constexpr,
+    ):
+        if CHANNELS_LAST:
+            s_c = 1
+            g_c = 1
+        else:
+            s_w = 1
+            g_p = 1
+        pid = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < HW
+        px, py = tu.pixel_xy(offs_p, W, H1, W1, ACC)
+        u = tu.tps_basis(px, py, tgt_ptr, T, ACC, BLOCK_T)
+        gx, gy = tu.tps_eval(px, py, u, par_ptr + b * (T + 3) * 2, T, ACC, BLOCK_T)
+        off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1 = tu.bilinear_taps(
+            gx, gy, H_in, W_in, mask_p, s_h, s_w)
+        dix, diy = tu.sample_bwd_channels(img_ptr + b * s_b, gout_ptr + b * g_b, gin_ptr + b * s_b, C, s_c, g_c,
+                                          g_p, offs_p, mask_p, off00, off01, off10, off11, m00, m01, m10, m11,
+                                          wx1, wy1, ACC=ACC, BLOCK_C=BLOCK_C, NEED_INPUT_GRAD=NEED_INPUT_GRAD,
+                                          NEED_GRID_GRAD=NEED_GRID_GRAD)
+        if NEED_GRID_GRAD:
+            ggx = tl.where(mask_p, dix * (0.5 * (W_in - 1)), 0.0)
+            ggy = tl.where(mask_p, diy * (0.5 * (H_in - 1)), 0.0)
+            tu.tps_params_grad(px, py, u, ggx, ggy, part_ptr + (b * tl.num_programs(0) + pid) * (T + 3) * 2, T,
+                               BLOCK_T)
+
+
+def _launch_args(image: torch.Tensor, t: int, size: tuple[int, int]):
+    b, c, h_in, w_in = image.shape
+    h, w = size
+    cl = tu.is_channels_last(image)
+    block_p, block_c, warps = tu.sample_blocks(c, cl)
+    block_p_tps, block_t = tps_blocks(t)
+    block_p = min(block_p, block_p_tps)  # the basis tile (BLOCK_P, BLOCK_T) shares the registers
+    common = dict(C=c, H_in=h_in, W_in=w_in, T=t, HW=h * w, W=w, H1=max(h - 1, 1), W1=max(w - 1, 1),
+                  s_b=image.stride(0), s_c=image.stride(1), s_h=image.stride(2), s_w=image.stride(3),
+                  CHANNELS_LAST=cl, BLOCK_P=block_p, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
+    return cl, (triton.cdiv(h * w, block_p), b), common
+
+
+def _tps_warp_fwd(image: torch.Tensor, params: torch.Tensor, target: torch.Tensor,
+                  size: tuple[int, int]) -> torch.Tensor:
+    """image (B, C, H_in, W_in) dense, params (B, T+3, 2), target (T, 2) -> (B, C, H, W)."""
+    b, c = image.shape[:2]
+    h, w = size
+    cl, launch, common = _launch_args(image, target.shape[0], size)
+    out = tu.empty_output((b, c, h, w), device=image.device, dtype=image.dtype,
+                          memory_format=tu.memory_format(cl))
+    if out.numel() == 0:
+        return out
+    _tps_warp_fwd_kernel[launch](
+        img_ptr=image, par_ptr=params, tgt_ptr=target, out_ptr=out,
+        o_b=out.stride(0), o_c=out.stride(1), o_p=tu.pixel_stride(out), ACC=tu.acc_dtype(params), **common)
+    return out
+
+
+def _tps_warp_bwd(grad_out: torch.Tensor, image: torch.Tensor, params: torch.Tensor, target: torch.Tensor,
+                  need_image: bool, need_grid: bool):
+    """-> (dL/dimage or None, partial dL/dparams (B, programs, T+3, 2) or None)."""
+    b, c, h, w = grad_out.shape
+    t = target.shape[0]
+    cl, launch, common = _launch_args(image, t, (h, w))
+    grad_out = grad_out.contiguous(memory_format=tu.memory_format(cl))
+    acc = torch.float64 if image.dtype == torch.float64 else torch.float32
+    gin = torch.zeros_like(image, dtype=acc) if need_image else None  # keeps the image's strides
+    part = (tu.empty_output((b, launch[0], t + 3, 2), device=image.device, dtype=params.dtype)
+            if need_grid else None)
+    if grad_out.numel() > 0:
+        _tps_warp_bwd_kernel[launch](
+            img_ptr=image, par_ptr=params, tgt_ptr=target, gout_ptr=grad_out,
+            gin_ptr=gin if need_image else image, part_ptr=part if need_grid else params,
+            g_b=grad_out.stride(0), g_c=grad_out.stride(1), g_p=tu.pixel_stride(grad_out),
+            ACC=tu.acc_dtype(params), NEED_INPUT_GRAD=need_image, NEED_GRID_GRAD=need_grid, **common)
+    if gin is not None and gin.dtype != image.dtype:
+        gin = gin.to(image.dtype)
+    return gin, part
+
+
+class TpsWarpFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image: torch.Tensor, control_points: torch.Tensor, target_points: torch.Tensor,
+                coef: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if not image.is_floating_point():
+            raise TypeError(f"tps_warp: floating-point image expected, got {image.dtype}")
+        b, c, h_in, w_in = image.shape
+        tu.check_launch("tps_warp", b, max(c * h_in * w_in, c * size[0] * size[1]))
+        image = tu.dense_4d(image)
+        work = torch.float64 if torch.float64 in (image.dtype, control_points.dtype) else torch.float32
+        params = tps_params(control_points.to(work), coef)  # (B, T+3, 2)
+        target = target_points.to(work).contiguous()  # (T, 2)
+        ctx.save_for_backward(image, params, target, coef)
+        ctx.control_dtype = control_points.dtype
+        return _tps_warp_fwd(image, params, target, size)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        image, params, target, coef = ctx.saved_tensors
+        need_image, need_grid = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_image or need_grid):
+            return None, None, None, None, None
+        gin, part = _tps_warp_bwd(grad_out, image, params, target, need_image, need_grid)
+        grad_c = tps_params_backward(part, coef, ctx.control_dtype) if need_grid else None
+        return gin, grad_c, None, None, None
+
+
 def tps_warp(image: torch.Tensor, control_points: torch.Tensor, target_points: torch.Tensor,
              coef: torch.Tensor, size: tuple[int, int] | None = None, impl: str = "auto") -> torch.Tensor:
     check_tps_args(control_points, target_points, coef)
@@ -23,5 +205,6 @@ def tps_warp(image: torch.Tensor, control_points: torch.Tensor, target_points: t
         raise ValueError(f"tps_warp: image must be (B, C, H, W) with B = {control_points.shape[0]}, "
                          f"got {tuple(image.shape)}")
     if use_triton("tps_warp", impl, image, control_points):
-        raise NotImplementedError("tps_warp: Triton kernel not written yet")
+        size = tuple(image.shape[-2:]) if size is None else tuple(size)
+        return TpsWarpFn.apply(image, control_points, target_points, coef, size)
     return tps_warp_reference(image, control_points, target_points, coef, size)
