@@ -8,6 +8,7 @@ Rows: op | shape | dtype | mode | ours ms | baseline ms | speedup | GB/s (ours, 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -17,11 +18,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import out_dir, print_table, time_ms, write_json  # noqa: E402
 
-from ostnet_fast.kernels import dense_motion as dm  # noqa: E402
-from ostnet_fast.kernels import grid_sample as gs  # noqa: E402
-from ostnet_fast.kernels import tps_grid as tg  # noqa: E402
-from ostnet_fast.kernels import tps_warp as tw  # noqa: E402
-from ostnet_fast.kernels import zconv as zc  # noqa: E402
+# The kernels package re-exports each op under its module's name, so fetch the modules themselves.
+dm, gs, tg, tw, zc = (importlib.import_module(f"ostnet_fast.kernels.{m}")
+                      for m in ("dense_motion", "grid_sample", "tps_grid", "tps_warp", "zconv"))
 from ostnet_fast.model.scale_transform import fiducial_layout  # noqa: E402
 
 DEV = "cuda"

@@ -119,13 +119,29 @@ if tu.HAS_TRITON:
                                BLOCK_T)
 
 
-def _launch_args(image: torch.Tensor, t: int, size: tuple[int, int]):
+def _warp_blocks(channels: int, channels_last: bool, backward: bool, fp64: bool) -> tuple[int, int]:
+    """(BLOCK_C, num_warps); BLOCK_P is 128 (one pixel per thread on 8 warps) unless T is large.
+    From sm_90 register counts (T = 20): the (BLOCK_P, BLOCK_T) basis tile shares the registers with the
+    sampling, so chunks stay narrower than grid_sample's. NCHW C = 3: forward 40 registers (chunk 4),
+    backward 74 (chunk 1; chunk 4 costs 128); channels-last C % 16 == 0: chunk 16, 64 / 165; other
+    channels-last: chunk 1 (see _triton_utils.sample_blocks), 39 / 73.
+    float64 (tests only) takes a chunk of at least 4: Triton 3.6 fails to compile the fp64 image-only
+    backward with a chunk of 1 (RemoveLayoutConversions: "operand does not dominate this use")."""
+    if channels_last:
+        block_c = 16 if channels % 16 == 0 else 1
+    elif backward:
+        block_c = 1 if channels <= 4 else 4
+    else:
+        block_c = 4 if channels <= 4 else 8
+    return (max(block_c, 4) if fp64 else block_c), 8
+
+
+def _launch_args(image: torch.Tensor, t: int, size: tuple[int, int], backward: bool, fp64: bool):
     b, c, h_in, w_in = image.shape
     h, w = size
     cl = tu.is_channels_last(image)
-    block_p, block_c, warps = tu.sample_blocks(c, cl)
-    block_p_tps, block_t = tps_blocks(t)
-    block_p = min(block_p, block_p_tps)  # the basis tile (BLOCK_P, BLOCK_T) shares the registers
+    block_c, warps = _warp_blocks(c, cl, backward, fp64)
+    block_p, block_t, _ = tps_blocks(t)
     common = dict(C=c, H_in=h_in, W_in=w_in, T=t, HW=h * w, W=w, H1=max(h - 1, 1), W1=max(w - 1, 1),
                   s_b=image.stride(0), s_c=image.stride(1), s_h=image.stride(2), s_w=image.stride(3),
                   CHANNELS_LAST=cl, BLOCK_P=block_p, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
@@ -137,7 +153,8 @@ def _tps_warp_fwd(image: torch.Tensor, params: torch.Tensor, target: torch.Tenso
     """image (B, C, H_in, W_in) dense, params (B, T+3, 2), target (T, 2) -> (B, C, H, W)."""
     b, c = image.shape[:2]
     h, w = size
-    cl, launch, common = _launch_args(image, target.shape[0], size)
+    cl, launch, common = _launch_args(image, target.shape[0], size, backward=False,
+                                      fp64=params.dtype == torch.float64)
     out = tu.empty_output((b, c, h, w), device=image.device, dtype=image.dtype,
                           memory_format=tu.memory_format(cl))
     if out.numel() == 0:
@@ -153,10 +170,10 @@ def _tps_warp_bwd(grad_out: torch.Tensor, image: torch.Tensor, params: torch.Ten
     """-> (dL/dimage or None, partial dL/dparams (B, programs, T+3, 2) or None)."""
     b, c, h, w = grad_out.shape
     t = target.shape[0]
-    cl, launch, common = _launch_args(image, t, (h, w))
+    cl, launch, common = _launch_args(image, t, (h, w), backward=True, fp64=params.dtype == torch.float64)
     grad_out = grad_out.contiguous(memory_format=tu.memory_format(cl))
-    acc = torch.float64 if image.dtype == torch.float64 else torch.float32
-    gin = torch.zeros_like(image, dtype=acc) if need_image else None  # keeps the image's strides
+    # fp32 (fp64 in fp64 mode) accumulation buffer; zeros_like keeps the image's strides exactly.
+    gin = torch.zeros_like(image, dtype=params.dtype) if need_image else None
     part = (tu.empty_output((b, launch[0], t + 3, 2), device=image.device, dtype=params.dtype)
             if need_grid else None)
     if grad_out.numel() > 0:
