@@ -15,7 +15,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "ostnet_fast", "ostnet_fast.model", "ostnet_fast.kernels", "ostnet_fast.train",
-        "ostnet_fast.data", "ostnet_fast.pipeline", "ostnet_fast.runtime", "ostnet_fast.configs",
+        "ostnet_fast.data", "ostnet_fast.pipeline", "ostnet_fast.runtime", "ostnet_fast.export", "ostnet_fast.configs",
     ],
     # The YAML configs live at the top level (configs/) and ship inside the package.
     package_dir={"ostnet_fast.configs": "configs"},

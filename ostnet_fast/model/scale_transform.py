@@ -54,6 +54,8 @@ class ScaleTransformation(nn.Module):
     def forward(self, kp_source: torch.Tensor, kp_driving: torch.Tensor):
         """kp (B, K, 2) each -> z (B, z_dim), fiducials C (B, T, 2) in the driving image."""
         b = kp_source.shape[0]
+        dtype = self.F_fc.weight.dtype  # keypoints come out in fp32; follow the layers (e.g. after .half())
+        kp_source, kp_driving = kp_source.to(dtype), kp_driving.to(dtype)
         feats = [kp_source, kp_driving,
                  kp_source - kp_source.mean(dim=1, keepdim=True),
                  kp_driving - kp_driving.mean(dim=1, keepdim=True)]
