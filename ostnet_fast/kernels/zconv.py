@@ -4,8 +4,39 @@ b = W_i z is one vector per sample and input channel (B, C_in), broadcast over H
 None (plain FOMM block). Fused, f + b is never materialised: conv(f + b) = conv(f) + E(b), where E(b)
 depends only on which zero-padding border an output pixel touches (9 classes for a 3x3 conv), so the
 convolution stays in cuDNN and one epilogue adds E(b), the BN, the ReLU and the pooling.
+
+Fused path (`impl="triton"`, or "auto" on CUDA):
+  conv_out = F.conv2d(x or upsample(x), W, bias=None, padding=1)     cuDNN, autograd as usual
+  E        = (zb outer M) @ W                                           (B, 9, C_out), torch, fp32
+  out      = ZConvEpilogueFn(conv_out, E, conv.bias, BN params)          Triton:
+    inference: one pass over conv_out: y = conv_out + bias + E[class] -> folded BN -> ReLU -> pool,
+               written once in conv_out's dtype and memory format (the pre-pool tensor is never written);
+    training : one statistics pass (per-tile Welford partials of y, combined with Chan's formula, so no
+               E[y^2] - E[y]^2 cancellation), one finalize launch (batch mean / invstd, running-stat update
+               exactly as nn.BatchNorm2d: momentum or cumulative average, unbiased running variance), then
+               the epilogue pass.
+  backward : one reduction pass (per-sample sums for the BN backward), one small launch over the O(H + W)
+             border pixels only (per-border-class sums, only with zb), a few (C,)-sized torch ops, and one
+             pass writing dL/dconv_out; the conv backward is cuDNN's (autograd of F.conv2d) and dL/dzb and
+             the E part of dL/dW come from autograd of the tiny E matmul, fed with
+             dL/dE[n, q, o] = sum over the class-q pixels of dL/dy (derivation above _zconv_grad_tile).
+  Tiles: 1024 elements, (16 pixels x 64 channels) channels-last, (256 pixels x 4 channels) NCHW, unit
+  strides as constexprs so loads vectorise along the contiguous axis. Compiled ahead of time for sm_90
+  (no GPU here): 56-116 registers for the forward epilogue, up to ~190 for the channels-last backward
+  reduction, no spills. Not autotuned; GPU speed not measured by the author.
+Border classes: q = 3 r + s, r = 0 (first row), 2 (last row), 1 (other rows); s likewise for columns. For
+H == 1 (or W == 1) the single row is both first and last: its class r = 0 then drops both taps.
+
+Design limits: 3x3 conv, stride 1, padding 1, dilation 1, groups 1, zero padding (anything else takes the
+reference; impl="triton" raises). fp32 math (fp64 when conv_out is fp64: tests, gradcheck). Offsets are
+int32: B * C * H * W of the conv output must stay below 2**31. Tiles are (pixels x channels), addresses
+from the strides, so NCHW and channels-last both work (contiguous loads along W or along C). The BN
+momentum and eps reach the kernel as fp32 scalars (so fp64 running stats agree with PyTorch to ~1e-9).
 """
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +44,28 @@ from torch import nn
 
 from ._dispatch import use_triton
 
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the machine
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+log = logging.getLogger("ostnet_fast.kernels")
 MODES = ("same", "down", "up")
+INT32_MAX = 2 ** 31 - 1
+
+
+# Tests set this to True: every buffer a kernel must overwrite then starts as NaN (poisoned outputs).
+POISON_OUTPUTS = False
+
+
+def _empty(*shape, **kwargs) -> torch.Tensor:
+    """torch.empty, or NaN-filled while POISON_OUTPUTS is set."""
+    t = torch.empty(*shape, **kwargs)
+    return t.fill_(float("nan")) if POISON_OUTPUTS else t
 
 
 def zconv_block_reference(x: torch.Tensor, zb: torch.Tensor | None, conv: nn.Conv2d, norm: nn.BatchNorm2d,
@@ -28,12 +80,716 @@ def zconv_block_reference(x: torch.Tensor, zb: torch.Tensor | None, conv: nn.Con
     return out
 
 
+# ----------------------------------------------------------------------------------------------------
+# Border classes and E(b)
+# ----------------------------------------------------------------------------------------------------
+
+def _line_taps(n: int) -> list[list[int]]:
+    """(3 classes, 3 taps): which taps of a 3-tap, padding-1 conv read inside a line of n pixels, for the
+    first pixel, the middle ones and the last one. n == 1: the one pixel is class 0 and keeps only tap 1."""
+    taps = [[0, 1, 1], [1, 1, 1], [1, 1, 0]]
+    if n == 1:
+        taps[0] = [0, 1, 0]
+    return taps
+
+
+def _line_counts(n: int) -> list[int]:
+    """Number of pixels in each class of a line of n pixels."""
+    return [1, max(n - 2, 0), 1 if n > 1 else 0]
+
+
+@functools.lru_cache(maxsize=None)
+def _class_tables(hc: int, wc: int) -> tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]:
+    ty, tx = _line_taps(hc), _line_taps(wc)
+    cy, cx = _line_counts(hc), _line_counts(wc)
+    masks = tuple(tuple(float(ty[q // 3][t // 3] * tx[q % 3][t % 3]) for t in range(9)) for q in range(9))
+    counts = tuple(float(cy[q // 3] * cx[q % 3]) for q in range(9))
+    return masks, counts
+
+
+_TABLE_CACHE: dict = {}
+
+
+def _tables(hc: int, wc: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(9 classes, 9 taps) tap masks and (9,) class pixel counts as tensors, cached per device (no host
+    to device copy per call, so the fused block can be captured in a CUDA graph after one warm-up call)."""
+    key = (hc, wc, str(device), dtype)
+    if key not in _TABLE_CACHE:
+        masks, counts = _class_tables(hc, wc)
+        _TABLE_CACHE[key] = (torch.tensor(masks, device=device, dtype=dtype),
+                             torch.tensor(counts, device=device, dtype=dtype))
+    return _TABLE_CACHE[key]
+
+
+def border_bias(zb: torch.Tensor, weight: torch.Tensor, hc: int, wc: int, dtype) -> torch.Tensor:
+    """E[n, q, o] = sum_{c, ky, kx} W[o, c, ky, kx] zb[n, c] mask_q[ky, kx] -> (B, 9, C_out) in `dtype`.
+
+    One outer product (B, 9, C_in * 9) and one matmul against W viewed as (C_out, C_in * 9): W is never
+    copied or permuted. Differentiable (autograd gives dL/dzb and the E part of dL/dW)."""
+    masks, _ = _tables(hc, wc, zb.device, dtype)  # (9, 9)
+    b, cin = zb.shape
+    cout = weight.shape[0]
+    k = zb.to(dtype)[:, None, :, None] * masks[None, :, None, :]  # (B, 9, C_in, 9)
+    e = k.reshape(b * 9, cin * 9) @ weight.to(dtype).reshape(cout, cin * 9).t()  # (B * 9, C_out)
+    return e.view(b, 9, cout)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _zconv_y(c_base,  # conv output of this sample
+                 e_base,  # (9, C) E of this sample
+                 cb, e_mid,  # (BLOCK_C,) conv bias, E of the interior class
+                 cy, cx,  # (BLOCK_P,) conv-output row / column
+                 c_off,  # (BLOCK_P, BLOCK_C) offsets into c_base
+                 offs_c, mask2, Hc, Wc, e_sq, e_sc,
+                 HAS_E: tl.constexpr, ACC: tl.constexpr):
+        """y = conv_out + bias + E[class] on a (BLOCK_P, BLOCK_C) tile, 0 where mask2 is False. Only
+        border pixels gather E (interior lanes take e_mid from registers, their loads are masked off)."""
+        y = tl.load(c_base + c_off, mask=mask2, other=0.0).to(ACC) + (cb + e_mid)[None, :]
+        if HAS_E:
+            r = tl.where(cy == 0, 0, tl.where(cy == Hc - 1, 2, 1))
+            s = tl.where(cx == 0, 0, tl.where(cx == Wc - 1, 2, 1))
+            q = 3 * r + s
+            border = q != 4
+            if tl.max(border.to(tl.int32), axis=0) > 0:  # only tiles that touch the border gather E
+                eb = tl.load(e_base + q[:, None] * e_sq + offs_c[None, :] * e_sc, mask=mask2 & border[:, None],
+                             other=0.0).to(ACC)
+                y += tl.where(border[:, None], eb - e_mid[None, :], 0.0)
+        return tl.where(mask2, y, 0.0)
+
+    @triton.jit
+    def _zconv_channel_vectors(cb_ptr, e_base, stat_ptr, offs_c, mc, C, e_sq, e_sc,
+                               HAS_E: tl.constexpr, HAS_CB: tl.constexpr, ACC: tl.constexpr):
+        """Per-channel vectors of a tile: conv bias, interior E, and the BN statistics
+        stat = (4, C): mean, invstd, scale = gamma * invstd, shift = beta - mean * scale."""
+        if HAS_CB:
+            cb = tl.load(cb_ptr + offs_c, mask=mc, other=0.0).to(ACC)
+        else:
+            cb = tl.zeros(offs_c.shape, ACC)
+        if HAS_E:
+            e_mid = tl.load(e_base + 4 * e_sq + offs_c * e_sc, mask=mc, other=0.0).to(ACC)
+        else:
+            e_mid = tl.zeros(offs_c.shape, ACC)
+        mean = tl.load(stat_ptr + offs_c, mask=mc, other=0.0).to(ACC)
+        invstd = tl.load(stat_ptr + C + offs_c, mask=mc, other=0.0).to(ACC)
+        scale = tl.load(stat_ptr + 2 * C + offs_c, mask=mc, other=0.0).to(ACC)
+        shift = tl.load(stat_ptr + 3 * C + offs_c, mask=mc, other=0.0).to(ACC)
+        return cb, e_mid, mean, invstd, scale, shift
+
+    @triton.jit
+    def _zconv_stats_kernel(
+        c_ptr,  # (B, C, Hc, Wc) conv output without bias, flat (h, w) plane, any channel stride
+        e_ptr,  # (B, 9, C) E(zb) if HAS_E
+        cb_ptr,  # (C,) conv bias if HAS_CB
+        part_ptr,  # (SPLITS, 3, C) out: per-split count, mean, M2 of y
+        C, Hc, Wc, n_tiles, tiles_per_plane, SPLITS,
+        c_sn, c_sc, c_sw, e_sn, e_sq, e_sc,
+        CL: tl.constexpr, HAS_E: tl.constexpr, HAS_CB: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """Batch statistics of y = conv_out + bias + E[class] per channel. Program (channel block, split)
+        walks the tiles split, split + SPLITS, ... of all samples; each tile's mean and M2 are exact
+        (two passes over registers) and merged with Chan's formula:
+          n = n_a + n_b, mean = mean_a + d n_b / n, M2 = M2_a + M2_b + d^2 n_a n_b / n, d = mean_b - mean_a."""
+        if CL:  # unit strides as constants: vector loads along C (NHWC) or along the pixels (NCHW)
+            c_sc = 1
+        else:
+            c_sw = 1
+        pid_c = tl.program_id(0)
+        split = tl.program_id(1)
+        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        mc = offs_c < C
+        P = Hc * Wc
+        if HAS_CB:
+            cb = tl.load(cb_ptr + offs_c, mask=mc, other=0.0).to(ACC)
+        else:
+            cb = tl.zeros([BLOCK_C], ACC)
+        cnt = tl.zeros([BLOCK_C], ACC)
+        mean = tl.zeros([BLOCK_C], ACC)
+        m2 = tl.zeros([BLOCK_C], ACC)
+        for t in range(split, n_tiles, SPLITS):
+            n = t // tiles_per_plane
+            offs_p = (t - n * tiles_per_plane) * BLOCK_P + tl.arange(0, BLOCK_P)
+            mp = offs_p < P
+            mask2 = mp[:, None] & mc[None, :]
+            cy = offs_p // Wc
+            cx = offs_p - cy * Wc
+            e_base = e_ptr + n * e_sn
+            if HAS_E:
+                e_mid = tl.load(e_base + 4 * e_sq + offs_c * e_sc, mask=mc, other=0.0).to(ACC)
+            else:
+                e_mid = tl.zeros([BLOCK_C], ACC)
+            c_off = (offs_p * c_sw)[:, None] + (offs_c * c_sc)[None, :]
+            y = _zconv_y(c_ptr + n * c_sn, e_base, cb, e_mid, cy, cx, c_off, offs_c, mask2, Hc, Wc,
+                         e_sq, e_sc, HAS_E, ACC)
+            cnt_t = tl.sum(mp.to(ACC), axis=0)
+            mean_t = tl.sum(y, axis=0) / cnt_t
+            d = tl.where(mask2, y - mean_t[None, :], 0.0)
+            m2_t = tl.sum(d * d, axis=0)
+            tot = cnt + cnt_t
+            delta = mean_t - mean
+            mean += delta * (cnt_t / tot)
+            m2 += m2_t + delta * delta * (cnt * cnt_t / tot)
+            cnt = tot
+        base = part_ptr + split * 3 * C + offs_c
+        tl.store(base, cnt, mask=mc)
+        tl.store(base + C, mean, mask=mc)
+        tl.store(base + 2 * C, m2, mask=mc)
+
+    @triton.jit
+    def _zconv_finalize_kernel(
+        part_ptr,  # (SPLITS, 3, C) from _zconv_stats_kernel, if BATCH_STATS
+        w_ptr, b_ptr,  # (C,) BN weight / bias, if AFFINE
+        rm_ptr, rv_ptr,  # (C,) running mean / var: read (eval) or updated in place (UPDATE)
+        stat_ptr,  # (4, C) out: mean, invstd, scale, shift
+        C, SPLITS, eps, factor,
+        BATCH_STATS: tl.constexpr, UPDATE: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """Per channel: the normalisation statistics (batch statistics from the Chan-merged partials, or
+        the running ones) and the folded scale / shift. Running update as F.batch_norm:
+          running_mean = (1 - f) running_mean + f mean,  running_var = (1 - f) running_var + f M2 / (n - 1)."""
+        offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mc = offs_c < C
+        if BATCH_STATS:
+            cnt = tl.zeros([BLOCK_C], ACC)
+            mean = tl.zeros([BLOCK_C], ACC)
+            m2 = tl.zeros([BLOCK_C], ACC)
+            for s in range(0, SPLITS):
+                base = part_ptr + s * 3 * C + offs_c
+                cnt_s = tl.load(base, mask=mc, other=0.0).to(ACC)
+                mean_s = tl.load(base + C, mask=mc, other=0.0).to(ACC)
+                m2_s = tl.load(base + 2 * C, mask=mc, other=0.0).to(ACC)
+                tot = cnt + cnt_s
+                frac = tl.where(tot > 0, cnt_s / tl.where(tot > 0, tot, 1.0), 0.0)
+                delta = mean_s - mean
+                mean += delta * frac
+                m2 += m2_s + delta * delta * cnt * frac
+                cnt = tot
+            cnt = tl.where(mc, cnt, 2.0)  # lanes past C: keep them finite
+            var = m2 / cnt
+            if UPDATE:
+                rm = tl.load(rm_ptr + offs_c, mask=mc, other=0.0)
+                rv = tl.load(rv_ptr + offs_c, mask=mc, other=0.0)
+                new_rm = (1.0 - factor) * rm.to(ACC) + factor * mean
+                new_rv = (1.0 - factor) * rv.to(ACC) + factor * (m2 / (cnt - 1.0))
+                tl.store(rm_ptr + offs_c, new_rm.to(rm.dtype), mask=mc)
+                tl.store(rv_ptr + offs_c, new_rv.to(rv.dtype), mask=mc)
+        else:
+            mean = tl.load(rm_ptr + offs_c, mask=mc, other=0.0).to(ACC)
+            var = tl.load(rv_ptr + offs_c, mask=mc, other=1.0).to(ACC)
+        invstd = 1.0 / tl.sqrt(var + eps)
+        if AFFINE:
+            gamma = tl.load(w_ptr + offs_c, mask=mc, other=0.0).to(ACC)
+            beta = tl.load(b_ptr + offs_c, mask=mc, other=0.0).to(ACC)
+        else:
+            gamma = tl.full([BLOCK_C], 1.0, ACC)
+            beta = tl.zeros([BLOCK_C], ACC)
+        scale = gamma * invstd
+        tl.store(stat_ptr + offs_c, mean, mask=mc)
+        tl.store(stat_ptr + C + offs_c, invstd, mask=mc)
+        tl.store(stat_ptr + 2 * C + offs_c, scale, mask=mc)
+        tl.store(stat_ptr + 3 * C + offs_c, beta - mean * scale, mask=mc)
+
+    @triton.jit
+    def _zconv_fwd_kernel(
+        c_ptr,  # (B, C, Hc, Wc) conv output without bias, flat (h, w) plane
+        e_ptr,  # (B, 9, C) E(zb) if HAS_E
+        cb_ptr,  # (C,) conv bias if HAS_CB
+        stat_ptr,  # (4, C) mean, invstd, scale, shift
+        out_ptr,  # (B, C, Ho, Wo) out, flat (h, w) plane; Ho = Hc // 2 when POOL
+        C, Hc, Wc, Ho, Wo,
+        c_sn, c_sc, c_sh, c_sw, c_pw, e_sn, e_sq, e_sc, o_sn, o_sc, o_sw,
+        CL: tl.constexpr, HAS_E: tl.constexpr, HAS_CB: tl.constexpr, POOL: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """out = [avgpool2x2] relu(scale * (conv_out + bias + E[class]) + shift), one program per
+        (BLOCK_P output pixels, BLOCK_C channels, sample)."""
+        if CL:  # unit strides as constants: vector loads along C (NHWC) or along the pixels (NCHW)
+            c_sc = 1
+            o_sc = 1
+        else:
+            c_pw = 1
+            c_sw = 1
+            o_sw = 1
+        pid_p = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        n = tl.program_id(2)
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        mp = offs_p < Ho * Wo
+        mc = offs_c < C
+        mask2 = mp[:, None] & mc[None, :]
+        e_base = e_ptr + n * e_sn
+        c_base = c_ptr + n * c_sn
+        cb, e_mid, mean, invstd, scale, shift = _zconv_channel_vectors(cb_ptr, e_base, stat_ptr, offs_c, mc, C,
+                                                                       e_sq, e_sc, HAS_E, HAS_CB, ACC)
+        oy = offs_p // Wo
+        ox = offs_p - oy * Wo
+        if POOL:
+            acc = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+            for d in tl.static_range(4):
+                cy = 2 * oy + d // 2
+                cx = 2 * ox + d % 2
+                c_off = (cy * c_sh + cx * c_sw)[:, None] + (offs_c * c_sc)[None, :]
+                y = _zconv_y(c_base, e_base, cb, e_mid, cy, cx, c_off, offs_c, mask2, Hc, Wc, e_sq, e_sc,
+                             HAS_E, ACC)
+                acc += tl.maximum(y * scale[None, :] + shift[None, :], 0.0)
+            res = acc * 0.25
+        else:
+            c_off = (offs_p * c_pw)[:, None] + (offs_c * c_sc)[None, :]  # flat plane: vector loads
+            y = _zconv_y(c_base, e_base, cb, e_mid, oy, ox, c_off, offs_c, mask2, Hc, Wc, e_sq, e_sc,
+                         HAS_E, ACC)
+            res = tl.maximum(y * scale[None, :] + shift[None, :], 0.0)
+        o_off = (offs_p * o_sw)[:, None] + (offs_c * o_sc)[None, :]
+        tl.store(out_ptr + n * o_sn + o_off, res.to(out_ptr.dtype.element_ty), mask=mask2)
+
+    # Backward maths. Per channel o, with y the pre-BN value, x^ = (y - mean) invstd, z = gamma x^ + beta,
+    # r = relu(z), out = pool(r), g = dL/dr (pool backward: dL/dout / 4 at the 4 pixels of a window, 0 at a
+    # leftover odd row / column) and g' = g [z > 0]:
+    #   dL/dbeta = sum_p g' = S1,   dL/dgamma = sum_p g' x^ = S2      (sums over all B x Hc x Wc pixels)
+    #   batch statistics (M = B Hc Wc):  dL/dy = a (g' - S1 / M - x^ S2 / M),   a = gamma invstd
+    #   running statistics:              dL/dy = a g'
+    # written as dL/dy = a g' + u + v y with u = a (-S1 + S2 mean invstd) / M, v = -a S2 invstd / M (0, 0
+    # in eval). E enters y as y[n, o, p] += E[n, class(p), o], so dL/dE[n, q, o] = sum_{p in q} dL/dy:
+    #   G[n, q, o] = a (S1[n, q] - count_q S1 / M - X[n, q] S2 / M),   X[n, q] = sum_{p in q} x^
+    # (S1[n, q]: the class-q part of S1 for sample n). dL/dbias[o] = sum_{n, q} G. Only the 8 border classes
+    # need class sums; the interior one is the per-sample total minus them, so the reduction pass takes
+    # per-sample totals of (g', g' x^, x^) over all pixels and class sums over the border pixels only.
+    # dL/dzb[n, c] and the E term of dL/dW follow from G by autograd of `border_bias`:
+    #   dL/dzb[n, c] = sum_{o, q} G[n, q, o] sum_{ky, kx} W[o, c, ky, kx] mask_q[ky, kx].
+
+    @triton.jit
+    def _zconv_grad_tile(c_base, e_base, go_base, cb, e_mid, mean, invstd, scale, shift,
+                         cy, cx, c_off, go_p, offs_c, mask2, Hc, Wc, Ho, Wo, e_sq, e_sc, go_sc, go_sh, go_sw,
+                         HAS_E: tl.constexpr, POOL: tl.constexpr, ACC: tl.constexpr):
+        """(y, g', x^) on a tile of conv-output pixels (cy, cx); all 0 where mask2 is False. go_p: the
+        pixels' offsets into dL/dout when not POOL (flat index times the pixel stride: vector loads)."""
+        y = _zconv_y(c_base, e_base, cb, e_mid, cy, cx, c_off, offs_c, mask2, Hc, Wc, e_sq, e_sc, HAS_E, ACC)
+        z = y * scale[None, :] + shift[None, :]
+        if POOL:
+            inside = ((cy < 2 * Ho) & (cx < 2 * Wo))[:, None]
+            go_off = ((cy // 2) * go_sh + (cx // 2) * go_sw)[:, None] + (offs_c * go_sc)[None, :]
+            g = tl.load(go_base + go_off, mask=mask2 & inside, other=0.0).to(ACC) * 0.25
+        else:
+            go_off = go_p[:, None] + (offs_c * go_sc)[None, :]
+            g = tl.load(go_base + go_off, mask=mask2, other=0.0).to(ACC)
+        gp = tl.where(z > 0, g, 0.0)
+        xh = tl.where(mask2, (y - mean[None, :]) * invstd[None, :], 0.0)
+        return y, gp, xh
+
+    @triton.jit
+    def _zconv_bwd_reduce_kernel(
+        c_ptr,  # (B, C, Hc, Wc) conv output, flat plane
+        e_ptr,  # (B, 9, C) E if HAS_E
+        cb_ptr,  # (C,) conv bias if HAS_CB
+        stat_ptr,  # (4, C) mean, invstd, scale, shift of the forward
+        go_ptr,  # (B, C, Ho, Wo) dL/dout
+        part_ptr,  # (B, SPLITS, 3, C) out: per-sample partial sums of g', g' x^, x^
+        bord_ptr,  # (B, 2, 9, C) out if HAS_E: per-class sums of g', x^ over the border pixels
+        C, Hc, Wc, Ho, Wo, tiles_per_plane, SPLITS,
+        c_sn, c_sc, c_sw, e_sn, e_sq, e_sc, go_sn, go_sc, go_sh, go_sw, go_pw,
+        CL: tl.constexpr, HAS_E: tl.constexpr, HAS_CB: tl.constexpr, POOL: tl.constexpr, ACC: tl.constexpr,
+        BORDER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """Not BORDER: programs (channel block, split, sample) reduce the tiles split, split + SPLITS, ...
+        of their sample. BORDER (a second launch, only with HAS_E; its own compiled variant, so the class
+        sums do not raise the register count of the main pass): programs (channel block, 0, sample) walk
+        the border pixels of their sample."""
+        if CL:  # unit strides as constants: vector loads along C (NHWC) or along the pixels (NCHW)
+            c_sc = 1
+            go_sc = 1
+        else:
+            c_sw = 1
+            go_sw = 1
+            go_pw = 1
+        pid_c = tl.program_id(0)
+        split = tl.program_id(1)
+        n = tl.program_id(2)
+        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        mc = offs_c < C
+        e_base = e_ptr + n * e_sn
+        c_base = c_ptr + n * c_sn
+        go_base = go_ptr + n * go_sn
+        cb, e_mid, mean, invstd, scale, shift = _zconv_channel_vectors(cb_ptr, e_base, stat_ptr, offs_c, mc, C,
+                                                                       e_sq, e_sc, HAS_E, HAS_CB, ACC)
+        if not BORDER:
+            s1 = tl.zeros([BLOCK_C], ACC)
+            s2 = tl.zeros([BLOCK_C], ACC)
+            sx = tl.zeros([BLOCK_C], ACC)
+            for t in range(split, tiles_per_plane, SPLITS):
+                offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
+                mask2 = (offs_p < Hc * Wc)[:, None] & mc[None, :]
+                cy = offs_p // Wc
+                cx = offs_p - cy * Wc
+                c_off = (offs_p * c_sw)[:, None] + (offs_c * c_sc)[None, :]
+                y, gp, xh = _zconv_grad_tile(c_base, e_base, go_base, cb, e_mid, mean, invstd, scale, shift,
+                                             cy, cx, c_off, offs_p * go_pw, offs_c, mask2, Hc, Wc, Ho, Wo,
+                                             e_sq, e_sc, go_sc, go_sh, go_sw, HAS_E, POOL, ACC)
+                s1 += tl.sum(gp, axis=0)
+                s2 += tl.sum(gp * xh, axis=0)
+                sx += tl.sum(xh, axis=0)
+            base = part_ptr + (n * SPLITS + split) * 3 * C + offs_c
+            tl.store(base, s1, mask=mc)
+            tl.store(base + C, s2, mask=mc)
+            tl.store(base + 2 * C, sx, mask=mc)
+        else:
+            # Border pixels: the rows 0 and Hc - 1 (all columns), then the columns 0 and Wc - 1 of the
+            # rows in between. n_rows = Wc * min(Hc, 2), n_cols = (Hc - 2) * min(Wc, 2).
+            n_rows = Wc * tl.minimum(Hc, 2)
+            inner = tl.maximum(Hc - 2, 0)
+            n_bord = n_rows + inner * tl.minimum(Wc, 2)
+            inner_div = tl.maximum(inner, 1)
+            rows16 = tl.arange(0, 16)
+            acc1 = tl.zeros([16, BLOCK_C], ACC)
+            accx = tl.zeros([16, BLOCK_C], ACC)
+            for b0 in range(0, n_bord, BLOCK_P):
+                offs_b = b0 + tl.arange(0, BLOCK_P)
+                mask2 = (offs_b < n_bord)[:, None] & mc[None, :]
+                in_rows = offs_b < n_rows
+                rr = offs_b // Wc
+                k = offs_b - n_rows
+                kk = k // inner_div
+                cy = tl.where(in_rows, rr * (Hc - 1), 1 + k - kk * inner_div)
+                cx = tl.where(in_rows, offs_b - rr * Wc, kk * (Wc - 1))
+                c_off = (cy * (c_sw * Wc) + cx * c_sw)[:, None] + (offs_c * c_sc)[None, :]
+                y, gp, xh = _zconv_grad_tile(c_base, e_base, go_base, cb, e_mid, mean, invstd, scale, shift,
+                                             cy, cx, c_off, cy * go_sh + cx * go_sw, offs_c, mask2, Hc, Wc, Ho,
+                                             Wo, e_sq, e_sc, go_sc, go_sh, go_sw, HAS_E, POOL, ACC)
+                r = tl.where(cy == 0, 0, tl.where(cy == Hc - 1, 2, 1))
+                s = tl.where(cx == 0, 0, tl.where(cx == Wc - 1, 2, 1))
+                q = (3 * r + s)[:, None]
+                for kq in tl.static_range(9):
+                    g_k = tl.sum(tl.where(q == kq, gp, 0.0), axis=0)
+                    x_k = tl.sum(tl.where(q == kq, xh, 0.0), axis=0)
+                    acc1 = tl.where(rows16[:, None] == kq, acc1 + g_k[None, :], acc1)
+                    accx = tl.where(rows16[:, None] == kq, accx + x_k[None, :], accx)
+            off = (n * 18 + rows16[:, None]) * C + offs_c[None, :]
+            m9 = (rows16 < 9)[:, None] & mc[None, :]
+            tl.store(bord_ptr + off, acc1, mask=m9)
+            tl.store(bord_ptr + off + 9 * C, accx, mask=m9)
+
+    @triton.jit
+    def _zconv_bwd_kernel(
+        c_ptr,  # (B, C, Hc, Wc) conv output, flat plane
+        e_ptr,  # (B, 9, C) E if HAS_E
+        cb_ptr,  # (C,) conv bias if HAS_CB
+        stat_ptr,  # (4, C) mean, invstd, scale, shift
+        coef_ptr,  # (3, C) a, u, v: dL/dy = a g' + u + v y
+        go_ptr,  # (B, C, Ho, Wo) dL/dout
+        gy_ptr,  # (B, C, Hc, Wc) out: dL/dconv_out, conv_out's strides
+        C, Hc, Wc, Ho, Wo,
+        c_sn, c_sc, c_sw, e_sn, e_sq, e_sc, go_sn, go_sc, go_sh, go_sw, go_pw,
+        CL: tl.constexpr, HAS_E: tl.constexpr, HAS_CB: tl.constexpr, POOL: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        if CL:  # unit strides as constants: vector loads along C (NHWC) or along the pixels (NCHW)
+            c_sc = 1
+            go_sc = 1
+        else:
+            c_sw = 1
+            go_sw = 1
+            go_pw = 1
+        pid_p = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        n = tl.program_id(2)
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        mc = offs_c < C
+        mask2 = (offs_p < Hc * Wc)[:, None] & mc[None, :]
+        e_base = e_ptr + n * e_sn
+        cb, e_mid, mean, invstd, scale, shift = _zconv_channel_vectors(cb_ptr, e_base, stat_ptr, offs_c, mc, C,
+                                                                       e_sq, e_sc, HAS_E, HAS_CB, ACC)
+        a = tl.load(coef_ptr + offs_c, mask=mc, other=0.0).to(ACC)
+        u = tl.load(coef_ptr + C + offs_c, mask=mc, other=0.0).to(ACC)
+        v = tl.load(coef_ptr + 2 * C + offs_c, mask=mc, other=0.0).to(ACC)
+        cy = offs_p // Wc
+        cx = offs_p - cy * Wc
+        c_off = (offs_p * c_sw)[:, None] + (offs_c * c_sc)[None, :]
+        y, gp, xh = _zconv_grad_tile(c_ptr + n * c_sn, e_base, go_ptr + n * go_sn, cb, e_mid, mean, invstd,
+                                     scale, shift, cy, cx, c_off, offs_p * go_pw, offs_c, mask2, Hc, Wc, Ho, Wo,
+                                     e_sq, e_sc, go_sc, go_sh, go_sw, HAS_E, POOL, ACC)
+        gy = a[None, :] * gp + u[None, :] + v[None, :] * y
+        tl.store(gy_ptr + n * c_sn + c_off, gy.to(gy_ptr.dtype.element_ty), mask=mask2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _acc(t: torch.Tensor):
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def _acc_torch(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _flat(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """t in NCHW or NHWC layout such that (h, w) flatten to one pixel index of stride t.stride(3)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if t.is_contiguous(memory_format=fmt):
+        if t.shape[2] == 1 or t.shape[3] == 1 or t.stride(2) == t.shape[3] * t.stride(3):
+            return t
+    t = t.contiguous(memory_format=fmt)
+    if t.shape[2] > 1 and t.shape[3] > 1 and t.stride(2) != t.shape[3] * t.stride(3):  # pragma: no cover
+        t = t.contiguous()
+    return t
+
+
+def _pixel_stride(t: torch.Tensor) -> int:
+    """Stride of the flat (h, w) pixel index (W == 1 gives stride(2) its role)."""
+    return t.stride(3) if t.shape[3] > 1 else t.stride(2)
+
+
+TILE = 1024  # elements per (BLOCK_P, BLOCK_C) tile: 8 fp32 registers per thread and tensor at 4 warps
+
+
+def _tiles(c: int, channels_last: bool) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C): TILE-element tiles, wide along the contiguous axis (C for channels-last, the
+    pixels for NCHW). Bigger tiles push the pooled epilogue past 200 registers per thread (sm_90)."""
+    block_c = min(64 if channels_last else 4, _next_pow2(c))
+    return max(16, TILE // block_c), block_c
+
+
+def _splits(work_programs: int, tiles: int, device: torch.device) -> int:
+    """How many programs share one reduction (about 4 waves of programs on the GPU, 1-2 in the
+    interpreter)."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        want = max(1, (4 * sms + work_programs - 1) // max(work_programs, 1))
+    else:
+        want = 2
+    return max(1, min(tiles, want))
+
+
+def _e_strides(e: torch.Tensor | None) -> tuple[int, int, int]:
+    return tuple(e.stride()) if e is not None else (0, 0, 0)
+
+
+def _check_numel(t: torch.Tensor) -> None:
+    if t.numel() > INT32_MAX:
+        raise ValueError(f"zconv_block: tensor of shape {tuple(t.shape)} has {t.numel()} elements, over the "
+                         f"int32 offset limit {INT32_MAX}")
+
+
+def _zconv_fwd(conv_out, e, cbias, gamma, beta, running_mean, running_var, batch_stats: bool, update: bool,
+               factor: float, eps: float, pool: bool):
+    """-> (out, stat (4, C): mean, invstd, scale, shift)."""
+    b, c, hc, wc = conv_out.shape
+    _check_numel(conv_out)
+    cl = _channels_last(conv_out)
+    conv_out = _flat(conv_out, cl)
+    ho, wo = (hc // 2, wc // 2) if pool else (hc, wc)
+    acc, acc_t = _acc(conv_out), _acc_torch(conv_out)
+    block_p, block_c = _tiles(c, cl)
+    n_cb = triton.cdiv(c, block_c)
+    e_sn, e_sq, e_sc = _e_strides(e)
+    dummy = conv_out
+    stat = _empty(4, c, device=conv_out.device, dtype=acc_t)
+    part = None
+    splits = 1
+    if batch_stats:
+        tpp = triton.cdiv(hc * wc, block_p)
+        splits = _splits(n_cb, b * tpp, conv_out.device)
+        part = _empty(splits, 3, c, device=conv_out.device, dtype=acc_t)
+        _zconv_stats_kernel[(n_cb, splits)](
+            c_ptr=conv_out, e_ptr=e if e is not None else dummy, cb_ptr=cbias if cbias is not None else dummy,
+            part_ptr=part, C=c, Hc=hc, Wc=wc, n_tiles=b * tpp, tiles_per_plane=tpp, SPLITS=splits,
+            c_sn=conv_out.stride(0), c_sc=conv_out.stride(1), c_sw=_pixel_stride(conv_out),
+            e_sn=e_sn, e_sq=e_sq, e_sc=e_sc, CL=cl, HAS_E=e is not None, HAS_CB=cbias is not None, ACC=acc,
+            BLOCK_P=block_p, BLOCK_C=block_c)
+    fin_block = min(1024, _next_pow2(c))
+    _zconv_finalize_kernel[(triton.cdiv(c, fin_block),)](
+        part_ptr=part if part is not None else stat, w_ptr=gamma if gamma is not None else stat,
+        b_ptr=beta if beta is not None else stat,
+        rm_ptr=running_mean if running_mean is not None else stat,
+        rv_ptr=running_var if running_var is not None else stat, stat_ptr=stat,
+        C=c, SPLITS=splits, eps=float(eps), factor=float(factor), BATCH_STATS=batch_stats, UPDATE=update,
+        AFFINE=gamma is not None, ACC=acc, BLOCK_C=fin_block)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    out = _empty((b, c, ho, wo), device=conv_out.device, dtype=conv_out.dtype, memory_format=fmt)
+    if out.numel() == 0:
+        return out, stat
+    _zconv_fwd_kernel[(triton.cdiv(ho * wo, block_p), n_cb, b)](
+        c_ptr=conv_out, e_ptr=e if e is not None else dummy, cb_ptr=cbias if cbias is not None else dummy,
+        stat_ptr=stat, out_ptr=out, C=c, Hc=hc, Wc=wc, Ho=ho, Wo=wo,
+        c_sn=conv_out.stride(0), c_sc=conv_out.stride(1), c_sh=conv_out.stride(2), c_sw=conv_out.stride(3),
+        c_pw=_pixel_stride(conv_out), e_sn=e_sn, e_sq=e_sq, e_sc=e_sc, o_sn=out.stride(0), o_sc=out.stride(1), o_sw=_pixel_stride(out),
+        CL=cl, HAS_E=e is not None, HAS_CB=cbias is not None, POOL=pool, ACC=acc, BLOCK_P=block_p,
+        BLOCK_C=block_c)
+    return out, stat
+
+
+def _zconv_bwd(grad_out, conv_out, e, cbias, gamma, stat, batch_stats: bool, pool: bool,
+               need_e: bool):
+    """-> (dL/dconv_out, dL/dE (B, 9, C) or None, dL/dbias (C,), dL/dgamma (C,), dL/dbeta (C,)), the
+    per-channel ones in the accumulation dtype."""
+    b, c, hc, wc = conv_out.shape
+    cl = _channels_last(conv_out)
+    grad_out = _flat(grad_out, cl)
+    ho, wo = grad_out.shape[2:]
+    acc, acc_t = _acc(conv_out), _acc_torch(conv_out)
+    block_p, block_c = _tiles(c, cl)
+    n_cb = triton.cdiv(c, block_c)
+    tpp = triton.cdiv(hc * wc, block_p)
+    splits = _splits(n_cb * b, tpp, conv_out.device)
+    e_sn, e_sq, e_sc = _e_strides(e)
+    has_e = e is not None
+    dummy = conv_out
+    part = _empty(b, splits, 3, c, device=conv_out.device, dtype=acc_t)
+    bord = _empty(b, 2, 9, c, device=conv_out.device, dtype=acc_t) if has_e else part
+    common = dict(c_ptr=conv_out, e_ptr=e if has_e else dummy, cb_ptr=cbias if cbias is not None else dummy,
+                  stat_ptr=stat, go_ptr=grad_out, C=c, Hc=hc, Wc=wc, Ho=ho, Wo=wo,
+                  c_sn=conv_out.stride(0), c_sc=conv_out.stride(1), c_sw=_pixel_stride(conv_out),
+                  e_sn=e_sn, e_sq=e_sq, e_sc=e_sc, go_sn=grad_out.stride(0), go_sc=grad_out.stride(1),
+                  go_sh=grad_out.stride(2), go_sw=grad_out.stride(3), go_pw=_pixel_stride(grad_out),
+                  CL=cl, HAS_E=has_e, HAS_CB=cbias is not None, POOL=pool, ACC=acc, BLOCK_P=block_p, BLOCK_C=block_c)
+    _zconv_bwd_reduce_kernel[(n_cb, splits, b)](part_ptr=part, bord_ptr=bord, tiles_per_plane=tpp, SPLITS=splits,
+                                               BORDER=False, **common)
+    if has_e:
+        border = dict(common, BLOCK_P=max(16, 256 // block_c))  # border lines are short: small tiles
+        _zconv_bwd_reduce_kernel[(n_cb, 1, b)](part_ptr=part, bord_ptr=bord, tiles_per_plane=tpp, SPLITS=splits,
+                                              BORDER=True, **border)
+    tot = part.sum(1)  # (B, 3, C): per-sample sums of g', g' x^, x^
+    sums = tot.sum(0)  # (3, C)
+    d_beta, d_gamma = sums[0], sums[1]
+    mean, invstd = stat[0], stat[1]
+    g = gamma.to(acc_t) if gamma is not None else torch.ones_like(mean)
+    a = g * invstd
+    m = float(b * hc * wc)
+    if batch_stats:
+        k1, k2 = d_beta / m, d_gamma / m
+    else:
+        k1, k2 = torch.zeros_like(d_beta), torch.zeros_like(d_gamma)
+    coef = torch.stack([a, a * (k2 * mean * invstd - k1), -a * k2 * invstd])  # (3, C): a, u, v
+    grad_conv = _empty(conv_out.shape, device=conv_out.device, dtype=conv_out.dtype,
+                       memory_format=torch.channels_last if cl else torch.contiguous_format)
+    _zconv_bwd_kernel[(tpp, n_cb, b)](coef_ptr=coef, gy_ptr=grad_conv, **common)
+    # G[n, q, o] = a (S1[n, q] - count_q k1 - X[n, q] k2), interior class = total - border classes.
+    if has_e:
+        _, counts = _tables(hc, wc, conv_out.device, acc_t)
+        s1q, xq = bord[:, 0].clone(), bord[:, 1].clone()  # (B, 9, C); class 4 holds 0
+        s1q[:, 4] = tot[:, 0] - s1q.sum(1)
+        xq[:, 4] = tot[:, 2] - xq.sum(1)
+        grad_e = a * (s1q - counts[None, :, None] * k1 - xq * k2)  # (B, 9, C)
+        grad_cb = grad_e.sum((0, 1))
+    else:
+        grad_e = None
+        grad_cb = a * (d_beta - m * k1 - k2 * sums[2])  # sum_p dL/dy
+    return grad_conv, grad_e if need_e else None, grad_cb, d_gamma, d_beta
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------
+
+class ZConvEpilogueFn(torch.autograd.Function):
+    """(conv_out, E, conv bias, BN weight, BN bias) -> [pool] relu(BN(conv_out + bias + E[class]))."""
+
+    @staticmethod
+    def forward(ctx, conv_out, e, cbias, gamma, beta, running_mean, running_var, batch_stats, update, factor,
+                eps, pool):
+        out, stat = _zconv_fwd(conv_out, e, cbias, gamma, beta, running_mean, running_var, batch_stats, update,
+                               factor, eps, pool)
+        ctx.save_for_backward(conv_out, e, cbias, gamma, stat)
+        ctx.batch_stats, ctx.pool = batch_stats, pool
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        conv_out, e, cbias, gamma, stat = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_conv, grad_e, grad_cb, grad_gamma, grad_beta = _zconv_bwd(
+            grad_out, conv_out, e, cbias, gamma, stat, ctx.batch_stats, ctx.pool, need_e=need[1])
+
+        def cast(g, ref, wanted):
+            return g.to(ref.dtype) if (wanted and ref is not None) else None
+
+        return (grad_conv if need[0] else None, cast(grad_e, e, need[1]), cast(grad_cb, cbias, need[2]),
+                cast(grad_gamma, gamma, need[3]), cast(grad_beta, gamma, need[4]),
+                None, None, None, None, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public dispatch
+# ----------------------------------------------------------------------------------------------------
+
+def _fusable(conv: nn.Conv2d) -> str | None:
+    """None if the fused path supports this conv, else why not."""
+    if not isinstance(conv, nn.Conv2d):
+        return f"conv must be nn.Conv2d, got {type(conv).__name__}"
+    for name, want in (("kernel_size", (3, 3)), ("stride", (1, 1)), ("padding", (1, 1)), ("dilation", (1, 1)),
+                       ("groups", 1), ("padding_mode", "zeros")):
+        got = getattr(conv, name)
+        if got != want:
+            return f"conv.{name} must be {want!r}, got {got!r}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(why: str) -> None:
+    log.info("zconv_block: using the PyTorch reference (%s)", why)
+
+
+def _zconv_block_triton(x, zb, conv: nn.Conv2d, norm: nn.BatchNorm2d, mode: str) -> torch.Tensor:
+    if mode == "up":
+        x = F.interpolate(x, scale_factor=2)  # (B, C_in, 2H, 2W)
+    conv_out = F.conv2d(x, conv.weight, None, padding=1)  # (B, C_out, Hc, Wc), cuDNN, no bias, no zb
+    b, c, hc, wc = conv_out.shape
+    if norm.num_features != c:
+        raise ValueError(f"zconv_block: norm has {norm.num_features} features, conv gives {c} channels")
+    acc_t = _acc_torch(conv_out)
+    e = None
+    if zb is not None:
+        with torch.autocast(device_type=conv_out.device.type, enabled=False):
+            e = border_bias(zb, conv.weight, hc, wc, acc_t)  # (B, 9, C_out)
+    # F.batch_norm's rules: batch statistics in training or without running stats; the running stats are
+    # updated only in training with track_running_stats.
+    batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
+    update = norm.training and norm.track_running_stats and norm.running_mean is not None
+    factor = 0.0 if norm.momentum is None else norm.momentum
+    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    if batch_stats and b * hc * wc <= 1:
+        raise ValueError(f"zconv_block: expected more than 1 value per channel when training, got input size "
+                         f"{tuple(conv_out.shape)}")
+    return ZConvEpilogueFn.apply(conv_out, e, conv.bias, norm.weight, norm.bias,
+                                 norm.running_mean if not norm.training or norm.track_running_stats else None,
+                                 norm.running_var if not norm.training or norm.track_running_stats else None,
+                                 batch_stats, update, factor, norm.eps, mode == "down")
+
+
 def zconv_block(x: torch.Tensor, zb: torch.Tensor | None, conv: nn.Conv2d, norm: nn.BatchNorm2d,
                 mode: str, impl: str = "auto") -> torch.Tensor:
+    """[nearest 2x up] -> (x + zb) -> conv3x3 -> BN -> ReLU -> [2x2 avg-pool]; x (B, C_in, H, W), zb (B, C_in)."""
     if mode not in MODES:
         raise ValueError(f"zconv_block: mode must be one of {MODES}, got {mode!r}")
+    if x.dim() != 4:
+        raise ValueError(f"zconv_block: x must be (B, C_in, H, W), got {tuple(x.shape)}")
     if zb is not None and zb.shape != (x.shape[0], x.shape[1]):
         raise ValueError(f"zconv_block: zb must be (B, C_in) = {(x.shape[0], x.shape[1])}, got {tuple(zb.shape)}")
     if use_triton("zconv_block", impl, x, zb):
-        raise NotImplementedError("zconv_block: Triton kernel not written yet")
+        why = _fusable(conv)
+        if why is None and not isinstance(norm, nn.BatchNorm2d):
+            why = f"norm must be nn.BatchNorm2d, got {type(norm).__name__}"
+        if why is None:
+            return _zconv_block_triton(x, zb, conv, norm, mode)
+        if impl == "triton":
+            raise ValueError(f"zconv_block: the fused kernel does not support this block: {why}")
+        _log_once(why)
     return zconv_block_reference(x, zb, conv, norm, mode)
