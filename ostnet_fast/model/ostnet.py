@@ -39,10 +39,10 @@ class SourceState:
 
     def expand(self, batch: int) -> "SourceState":
         """One source for a batch of driving frames: broadcast views, no copies."""
-        if self.image.shape[0] == batch:
+        if self.image.shape[0] != 1:  # branch on the (static) source batch only: export-friendly
+            if self.image.shape[0] != batch:
+                raise ValueError(f"source batch {self.image.shape[0]} does not match driving batch {batch}")
             return self
-        if self.image.shape[0] != 1:
-            raise ValueError(f"source batch {self.image.shape[0]} does not match driving batch {batch}")
         return SourceState(**{f.name: None if getattr(self, f.name) is None else
                               getattr(self, f.name).expand(batch, *getattr(self, f.name).shape[1:])
                               for f in fields(self)})
