@@ -21,8 +21,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _few_threads():
-    # CI has 2 cores; one torch thread per test keeps parallel helpers and xdist from oversubscribing.
-    torch.set_num_threads(int(os.environ.get("OSTNET_TEST_THREADS", "2")))
+    # One torch thread per test: on a shared 2-core machine more threads spin-wait and run 10x slower.
+    torch.set_num_threads(int(os.environ.get("OSTNET_TEST_THREADS", "1")))
     yield
 
 
