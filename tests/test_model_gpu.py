@@ -48,10 +48,13 @@ def test_fused_matches_reference_fp16():
 
 
 def test_training_step_gradients_agree():
+    # float64: in training mode, batch-statistics BN over the hourglass's 2x2 bottom and the temperature
+    # 0.1 keypoint softmax amplify fp32 rounding differences between two correct implementations into
+    # O(1) relative gradient differences, so fp32 cannot tell a bug from rounding here; float64 can.
     ref, fused = pair("ostnet-vox-256")
-    ref.train(), fused.train()
-    src = torch.rand(2, 3, 256, 256, device="cuda")
-    drv = torch.rand(2, 3, 256, 256, device="cuda")
+    ref.double().train(), fused.double().train()
+    src = torch.rand(2, 3, 256, 256, device="cuda", dtype=torch.float64)
+    drv = torch.rand(2, 3, 256, 256, device="cuda", dtype=torch.float64)
     up = None
     grads = []
     for m in (ref, fused):
@@ -66,7 +69,7 @@ def test_training_step_gradients_agree():
     for n, g in grads[0].items():
         scale = g.abs().max().clamp_min(1e-6)
         err = (g - grads[1][n]).abs().max() / scale
-        assert err <= 1e-2, f"{n}: relative gradient error {err:.2e}"
+        assert err <= 1e-6, f"{n}: relative gradient error {err:.2e}"
 
 
 def test_cuda_graph_step_replays_exactly():

@@ -104,8 +104,8 @@ def test_fused_and_reference_give_the_same_loss_on_gpu():
     fused.load_state_dict(ref.state_dict())
     vgg = load_vgg19(random_weights=True).cuda()
     inputs = [t.cuda() for t in fixed_inputs(1)]
-    a, la = TrainingModel(ref, cfg.train, vgg)(*inputs)
-    b, lb = TrainingModel(fused, cfg.train, vgg)(*inputs)
+    a, la = TrainingModel(ref, cfg.train, vgg).cuda()(*inputs)
+    b, lb = TrainingModel(fused, cfg.train, vgg).cuda()(*inputs)
     for k in la:
         torch.testing.assert_close(lb[k], la[k], rtol=2e-3, atol=1e-4, msg=lambda m: f"{k}: {m}")
     a.backward()

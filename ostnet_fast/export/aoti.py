@@ -46,7 +46,9 @@ def export_aoti(model, config, out_dir: str | Path, device: str = "cuda", max_ba
             ("source", source_graph, (source,), None),
             ("frame", frame_graph, (*state, driving), {"inputs": (*[None] * len(state), {0: batch})})):
         t0 = time.perf_counter()
-        with torch.no_grad():
+        # cuDNN off while tracing: on CUDA, F.grid_sample would record aten.cudnn_grid_sampler, which
+        # torch.export cannot trace (no fake kernel); the portable grid_sampler_2d is recorded instead.
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=False):
             program = torch.export.export(module, args, dynamic_shapes=dynamic)
             path = torch._inductor.aoti_compile_and_package(program, package_path=str(out / f"{name}.pt2"))
         written[name] = Path(path)

@@ -45,8 +45,8 @@ def tps_solve(target_points: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"target points must be (T, 2), got {tuple(p.shape)}")
     t = p.shape[0]
     k = tps_radial(((p[:, None, :] - p[None, :, :]) ** 2).sum(-1))  # (T, T)
-    pa = torch.cat([torch.ones(t, 1, dtype=torch.float64), p], dim=1)  # (T, 3)
-    system = torch.zeros(t + 3, t + 3, dtype=torch.float64)
+    pa = torch.cat([torch.ones(t, 1, dtype=torch.float64, device=p.device), p], dim=1)  # (T, 3)
+    system = torch.zeros(t + 3, t + 3, dtype=torch.float64, device=p.device)
     system[:t, :t] = k
     system[:t, t:] = pa
     system[t:, :t] = pa.T

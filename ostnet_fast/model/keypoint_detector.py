@@ -39,11 +39,12 @@ class KPDetector(nn.Module):
         prediction = self.kp(feature_map)  # (B, K, h', w')
         b, k, h, w = prediction.shape
         # Softmax in fp32: at temperature 0.1 fp16 logits lose the peak.
-        heatmap = F.softmax(prediction.float().view(b, k, -1) / self.temperature, dim=2).view(b, k, h, w)
+        prediction = prediction.to(torch.promote_types(prediction.dtype, torch.float32))
+        heatmap = F.softmax(prediction.view(b, k, -1) / self.temperature, dim=2).view(b, k, h, w)
         grid = pixel_coordinates((h, w), device=x.device, dtype=heatmap.dtype)  # (h', w', 2)
         out = {"value": torch.einsum("bkhw,hwc->bkc", heatmap, grid)}  # (B, K, 2)
         if self.jacobian is not None:
-            jmap = self.jacobian(feature_map).float().view(b, self.num_jacobian_maps, 4, h, w)
+            jmap = self.jacobian(feature_map).to(heatmap.dtype).view(b, self.num_jacobian_maps, 4, h, w)
             jac = (heatmap.unsqueeze(2) * jmap).sum(dim=(-2, -1))  # (B, K, 4)
             out["jacobian"] = jac.view(b, k, 2, 2)
         return out

@@ -267,11 +267,13 @@ GPU_SHAPES = [  # (B, C_in, C_out, H, W, mode)
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_gpu_production_float32(shape, training, channels_last, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_gpu_production_float64(shape, training, channels_last):
+    # float64, not float32: at production sizes a few pre-activations sit within fp32 rounding of 0, and
+    # the ReLU mask of conv(x) + E(b) vs conv(x + b) then legitimately differs there (one flipped unit
+    # moves 9 x C_in input grads). In float64 the two orders agree to ~1e-12, so any mismatch is a bug.
+    # fp16/bf16 against PyTorch's own error: test_gpu_low_precision.
     b, cin, cout, h, w, mode = shape
-    _check_against_reference((b, cin, cout, h, w), mode, True, training, dtype=torch.float32,
+    _check_against_reference((b, cin, cout, h, w), mode, True, training, dtype=torch.float64,
                              channels_last=channels_last)
 
 
