@@ -46,7 +46,8 @@ def run_round_trip(tmp_path: Path, device: str):
     with torch.no_grad():
         want = model.animate(model.encode_source(source), frames)["prediction"]
     assert got.shape == want.shape
-    assert (got - want).abs().max() <= 1e-4
+    # CUDA packages run cuDNN convolutions in TF32 (PyTorch's default), the CPU reference in fp32.
+    assert (got - want).abs().max() <= (1e-4 if device == "cpu" else 3e-3)
     return exe
 
 

@@ -113,8 +113,11 @@ def _check_against_reference(shape, mode, with_zb, training, dtype=torch.float64
         # below float64, parameter grads are sums over B*H*W pixels: tolerance relative to their scale
         scale = 1.0 if dtype == torch.float64 else max(1.0, r.abs().max().item())
         _assert_close(g, r, tol * scale, f"grad {name}")
-    _assert_close(norm.running_mean, norm2.running_mean, tol, "running_mean")
-    _assert_close(norm.running_var, norm2.running_var, tol, "running_var")
+    # On the GPU, BN's momentum reaches the kernel as an fp32 scalar (0.1 -> 0.100000001), so the running
+    # stats carry a ~1e-8 relative difference even in float64; the interpreter keeps it float64.
+    stat_tol = max(tol, 1e-7) if x.is_cuda else tol
+    _assert_close(norm.running_mean, norm2.running_mean, stat_tol, "running_mean")
+    _assert_close(norm.running_var, norm2.running_var, stat_tol, "running_var")
     assert int(norm.num_batches_tracked) == int(norm2.num_batches_tracked)
     return out
 
