@@ -3,7 +3,8 @@
 # benchmarks, and writes JSON + printed tables under $OUT (default bench/results/).
 #
 #   bash bench/run_gpu.sh                 # everything
-#   bash bench/run_gpu.sh tests kernels   # a subset: tests kernels model train engines pipeline
+#   bash bench/run_gpu.sh tests kernels   # a subset: tests kernels model train engines pipeline realrun
+#   GPU_TESTS="tests/test_model_gpu.py" STAGE_TIMEOUT=300 bash bench/run_gpu.sh tests
 #
 # Nothing here needs the network: the package installs with --no-index --no-build-isolation, and any
 # missing wheels (PyAV, ...) may be carried in .whl/ beside this repo's root.
@@ -23,18 +24,22 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/n
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests kernels model train engines pipeline)
+[ ${#stages[@]} -eq 0 ] && stages=(tests kernels model train engines pipeline realrun)
+T="timeout ${STAGE_TIMEOUT:-1800}"
 status=0
 for stage in "${stages[@]}"; do
   echo "=== $stage ==="
   case "$stage" in
-    tests)    python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
-    kernels)  python3 bench/bench_kernels.py --out "$OUT" ${KERNEL_ARGS:-} > "$OUT/kernels.txt" 2>&1 || status=1; tail -n 80 "$OUT/kernels.txt" ;;
-    model)    python3 bench/bench_model.py --out "$OUT" ${MODEL_ARGS:-} || status=1 ;;
-    train)    python3 bench/bench_train.py --out "$OUT" ${TRAIN_ARGS:-} || status=1 ;;
-    engines)  python3 bench/bench_engines.py --out "$OUT" ${ENGINE_ARGS:-} || status=1 ;;
-    pipeline) python3 bench/bench_pipeline.py --out "$OUT" ${PIPELINE_ARGS:-} || status=1 ;;
-    *) echo "run_gpu.sh: unknown stage '$stage' (tests kernels model train engines pipeline)"; status=2 ;;
+    tests)    $T python3 -m pytest -q -rfE -m gpu -p no:cacheprovider ${GPU_TESTS:-tests} > "$OUT/gpu_tests.log" 2>&1 || status=1
+              tail -n 30 "$OUT/gpu_tests.log" ;;
+    kernels)  $T python3 bench/bench_kernels.py --out "$OUT" ${KERNEL_ARGS:-} > "$OUT/kernels.txt" 2>&1 || status=1; tail -n 80 "$OUT/kernels.txt" ;;
+    model)    $T python3 bench/bench_model.py --out "$OUT" ${MODEL_ARGS:-} || status=1 ;;
+    train)    $T python3 bench/bench_train.py --out "$OUT" ${TRAIN_ARGS:-} || status=1 ;;
+    engines)  $T python3 bench/bench_engines.py --out "$OUT" ${ENGINE_ARGS:-} || status=1 ;;
+    pipeline) $T python3 bench/bench_pipeline.py --out "$OUT" ${PIPELINE_ARGS:-} || status=1 ;;
+    realrun)  $T python3 bench/real_run.py --out "$OUT/realrun" ${REALRUN_ARGS:-} || status=1
+              cp "$OUT/realrun/real_run.json" "$OUT/" 2>/dev/null ;;
+    *) echo "run_gpu.sh: unknown stage '$stage' (tests kernels model train engines pipeline realrun)"; status=2 ;;
   esac
 done
 exit $status
