@@ -32,8 +32,8 @@ Design limits: int32 offsets (one sample of each tensor below 2**31 elements); B
 CPU tests and gradcheck); outputs in the input dtypes. The fused kernels sample from fp32 coordinates (the
 reference rounds the grid to the feature dtype first), so fp16 / bf16 results differ from the reference by
 that rounding. Atomics make dL/dsource and dL/dfeature not bitwise deterministic. kp_variance reaches the
-GPU kernel as an fp32 scalar. Bilinear sampling is inline here (the same maths as _triton_utils'
-bilinear_taps, which was being written at the same time).
+GPU kernel as an fp32 scalar. The bilinear taps are _triton_utils.bilinear_taps (shared with
+grid_sample and tps_warp); the 4-tap gather over a channel tile is local (`_dm_gather4`).
 """
 from __future__ import annotations
 
@@ -44,14 +44,10 @@ from ._dispatch import use_triton
 from .geometry import kp2gaussian, pixel_coordinates
 from .grid_sample import grid_sample_reference
 
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - depends on the machine
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from ._triton_utils import HAS_TRITON, tl, triton  # one import guard for every kernel
+
+if HAS_TRITON:
+    from ._triton_utils import bilinear_taps
 
 INT32_MAX = 2 ** 31 - 1
 
@@ -129,30 +125,6 @@ if HAS_TRITON:
         return px, py
 
     @triton.jit
-    def _dm_taps(gx, gy, H_in, W_in, mask_p, s_h, s_w):
-        """Bilinear taps of (x, y) in [-1, 1], align_corners=True, zeros padding: offsets (no channel
-        term) and validity of the taps 00 (top-left), 01, 10, 11, and the fractions wx1 = ix - x0,
-        wy1 = iy - y0. The clamp to [-2, size + 1] only keeps the int conversion in range: beyond one
-        pixel outside, every tap is invalid anyway."""
-        ix = (gx + 1) * 0.5 * (W_in - 1)
-        iy = (gy + 1) * 0.5 * (H_in - 1)
-        ix = tl.minimum(tl.maximum(ix, -2.0), W_in + 1.0)
-        iy = tl.minimum(tl.maximum(iy, -2.0), H_in + 1.0)
-        x0f = tl.floor(ix)
-        y0f = tl.floor(iy)
-        wx1 = ix - x0f
-        wy1 = iy - y0f
-        x0 = x0f.to(tl.int32)
-        y0 = y0f.to(tl.int32)
-        vx0 = (x0 >= 0) & (x0 < W_in)
-        vx1 = (x0 + 1 >= 0) & (x0 + 1 < W_in)
-        vy0 = (y0 >= 0) & (y0 < H_in)
-        vy1 = (y0 + 1 >= 0) & (y0 + 1 < H_in)
-        off00 = y0 * s_h + x0 * s_w
-        return (off00, off00 + s_w, off00 + s_h, off00 + s_h + s_w,
-                mask_p & vy0 & vx0, mask_p & vy0 & vx1, mask_p & vy1 & vx0, mask_p & vy1 & vx1, wx1, wy1)
-
-    @triton.jit
     def _dm_gather4(base, cin, mc, off00, off01, off10, off11, m00, m01, m10, m11, ACC: tl.constexpr):
         """The 4 tap values of a (BLOCK_P, BLOCK_C) tile, 0 at invalid taps (zeros padding)."""
         v00 = tl.load(base + off00[:, None] + cin, mask=m00[:, None] & mc, other=0.0).to(ACC)
@@ -218,7 +190,7 @@ if HAS_TRITON:
         mot_base = mot_ptr + (n * (K + 1) + j) * HW * 2
         tl.store(mot_base + offs_p * 2, mx.to(mot_ptr.dtype.element_ty), mask=mp)
         tl.store(mot_base + offs_p * 2 + 1, my.to(mot_ptr.dtype.element_ty), mask=mp)
-        off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1 = _dm_taps(mx, my, H, W, mp, s_h, s_w)
+        off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1 = bilinear_taps(mx, my, H, W, mp, s_h, s_w)
         wx0 = 1 - wx1
         wy0 = 1 - wy1
         src_base = src_ptr + n * s_n
@@ -273,7 +245,7 @@ if HAS_TRITON:
             gmx += tl.load(mot_base + offs_p * 2, mask=mp, other=0.0).to(ACC)
             gmy += tl.load(mot_base + offs_p * 2 + 1, mask=mp, other=0.0).to(ACC)
         if HAS_GHG:
-            off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1 = _dm_taps(mx, my, H, W, mp, s_h, s_w)
+            off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1 = bilinear_taps(mx, my, H, W, mp, s_h, s_w)
             wx0 = 1 - wx1
             wy0 = 1 - wy1
             src_base = src_ptr + n * s_n
@@ -378,7 +350,7 @@ if HAS_TRITON:
             gx = tl.load(grid_base + offs_p * 2, mask=mp, other=0.0).to(ACC)
             gy = tl.load(grid_base + offs_p * 2 + 1, mask=mp, other=0.0).to(ACC)
         if SAMPLE:
-            off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1 = _dm_taps(gx, gy, Hf, Wf, mp, f_sh, f_sw)
+            off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1 = bilinear_taps(gx, gy, Hf, Wf, mp, f_sh, f_sw)
             wx0 = 1 - wx1
             wy0 = 1 - wy1
             w00 = (wy0 * wx0)[:, None]
@@ -438,7 +410,7 @@ if HAS_TRITON:
         ggx = tl.zeros([BLOCK_P], ACC)
         ggy = tl.zeros([BLOCK_P], ACC)
         if SAMPLE:
-            off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1 = _dm_taps(gx, gy, Hf, Wf, mp, f_sh, f_sw)
+            off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1 = bilinear_taps(gx, gy, Hf, Wf, mp, f_sh, f_sw)
             wx0 = 1 - wx1
             wy0 = 1 - wy1
             w00 = (wy0 * wx0)[:, None]

@@ -44,14 +44,7 @@ from torch import nn
 
 from ._dispatch import use_triton
 
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - depends on the machine
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from ._triton_utils import HAS_TRITON, tl, triton  # one import guard for every kernel
 
 log = logging.getLogger("ostnet_fast.kernels")
 MODES = ("same", "down", "up")
