@@ -11,43 +11,17 @@ is not a TensorRT-RTX target).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import env_info, out_dir, print_table, write_json  # noqa: E402
+from common import env_info, out_dir, print_table, time_ms, write_json  # noqa: E402
 
 from ostnet_fast.export.onnx_export import export_graphs, load_model, setup_logging  # noqa: E402
-
-
-def timed(fn, device: torch.device, warmup: int, iters: int) -> dict:
-    """Median / p20 / p80 ms per call: CUDA events on CUDA (after a synchronize), perf_counter on CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
-    return {"median_ms": statistics.median(times), "p20_ms": q(0.2), "p80_ms": q(0.8), "iters": iters}
 
 
 def tensorrt_status(engines: Path | None, onnx_dir: Path, fp16: bool, work: Path, batch_max: int):
@@ -139,7 +113,8 @@ def main(argv=None) -> int:
             for name, fn in runtimes.items():
                 on = device if name in ("reference", "tensorrt") else torch.device("cpu")
                 x = frames[n].to(device if name in ("reference", "tensorrt") else "cpu")
-                t = timed(lambda: fn(x), on if name != "ort-cuda" else device, args.warmup, args.iters)
+                t = time_ms(lambda: fn(x), warmup=args.warmup, iters=args.iters,
+                            cuda=(on if name != "ort-cuda" else device).type == "cuda")
                 if name == "reference":
                     ref_ms = t["median_ms"]
                 rows.append({"runtime": name, "batch": n, "ms": t["median_ms"], "p20_ms": t["p20_ms"],

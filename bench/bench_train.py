@@ -14,9 +14,7 @@ in the JSON instead of a number.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -43,19 +41,6 @@ def build(mode: str, config, device, vgg, amp: str):
     params = list(model.parameters())
     ctx = autocast_context(amp, device)
     return lambda inputs: train_step(module, optimizer, scaler, inputs, ctx, config.train.grad_clip, params)
-
-
-def time_cpu(fn, warmup: int, iters: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
-    return {"median_ms": statistics.median(times), "p20_ms": q(0.2), "p80_ms": q(0.8), "iters": iters}
 
 
 def main(argv=None) -> int:
@@ -101,7 +86,7 @@ def main(argv=None) -> int:
             step = build(mode, config, device, vgg, amp)
             step(inputs)  # first call: compiles / autotunes; errors surface here
             fn = lambda: step(inputs)  # noqa: E731
-            t = time_ms(fn, warmup=warmup, iters=iters) if device.type == "cuda" else time_cpu(fn, warmup, iters)
+            t = time_ms(fn, warmup=warmup, iters=iters, cuda=device.type == "cuda")
             row.update(ms_per_step=t["median_ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"],
                        samples_per_s=args.batch_size / (t["median_ms"] / 1e3))
             if device.type == "cuda":

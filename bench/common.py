@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import statistics
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -40,21 +41,30 @@ def env_info() -> dict:
     return info
 
 
-def time_ms(fn: Callable[[], object], warmup: int = 10, iters: int = 50, grad_to_none=()) -> dict:
-    """Median / p20 / p80 milliseconds of fn() on the current CUDA stream (CUDA events per call)."""
+def time_ms(fn: Callable[[], object], warmup: int = 10, iters: int = 50, grad_to_none=(),
+            cuda: bool | None = None) -> dict:
+    """Median / p20 / p80 milliseconds of fn(): CUDA events per call on the current stream, or
+    perf_counter when cuda=False (CPU runs; default: CUDA when available)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         for t in grad_to_none:
             t.grad = None
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
     return {"median_ms": statistics.median(times), "p20_ms": q(0.2), "p80_ms": q(0.8), "iters": iters}

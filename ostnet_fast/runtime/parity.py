@@ -11,14 +11,12 @@ PSNR on frames (images in [0, 1]), max abs on keypoints and other tensors.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..export.common import GRAPHS, onnx_name
 
 SOURCE_TENSORS = {"kp_value": "kp_value", "kp_jacobian": "kp_jacobian", "source_small": "small", "source_f1": "f1"}
 
