@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -118,8 +119,14 @@ def load_fomm_checkpoint(path: str | Path, config: Config | str = "fomm-vox-256"
         raise CheckpointError(f"FOMM checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncated zips, non-tensor objects refused by weights_only
-        raise CheckpointError(f"{path} is not a loadable FOMM checkpoint ({type(e).__name__}: {e})") from None
+    except pickle.UnpicklingError as e:  # not a pickle at all, or objects weights_only refuses
+        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if "WeightsUnpickler" in str(e) else ""
+        raise CheckpointError(f"{path} is not a loadable FOMM checkpoint: not a file of tensors and plain "
+                              f"containers ({detail or 'unreadable pickle'}; checkpoints are never fully "
+                              "unpickled)") from None
+    except Exception as e:  # truncated or corrupt archives: torch's first line says which
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path} is not a loadable FOMM checkpoint ({type(e).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or not {"generator", "kp_detector"} <= set(ckpt):
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: expected a dict with 'generator' and 'kp_detector', got {keys}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -50,6 +51,10 @@ def load_image(path: str | Path) -> np.ndarray:
 
 def _check_common(args) -> None:
     """Device, precision, sizes, checkpoint and config: all before any model is built."""
+    if getattr(args, "detector", None) == "mtcnn":
+        import importlib.util
+        if importlib.util.find_spec("facenet_pytorch") is None:
+            raise UsageError("--detector mtcnn needs facenet-pytorch (and torchvision): pip install facenet-pytorch")
     import torch
 
     from .config import load_config
@@ -88,6 +93,18 @@ def _check_common(args) -> None:
             raise UsageError(f"--engine not found: {args.engine}")
 
 
+def _make_cropper(args):
+    """The face cropper; a detector that cannot be built is a usage error (and --detector mtcnn is
+    checked before any model work, in _check_common)."""
+    import torch
+
+    from .pipeline.crop import FaceCropper
+    try:
+        return FaceCropper(args.detector, device=torch.device(args.device))
+    except (ImportError, ValueError) as e:
+        raise UsageError(f"--detector {args.detector}: {e}") from None
+
+
 def _make_reenactor(args):
     from .pipeline.reenactor import Reenactor
     return Reenactor(checkpoint=args.checkpoint, config=args.config, backend=args.backend, device=args.device,
@@ -107,7 +124,6 @@ def _source(args) -> np.ndarray:
 
 def cmd_reenact(args) -> int:
     from .data.bundled import BundledDataError, driving_video_path
-    from .pipeline.crop import FaceCropper
     from .pipeline.run import reenact_video
     from .pipeline.video import check_output_path, probe
 
@@ -125,7 +141,7 @@ def cmd_reenact(args) -> int:
     reenactor = _make_reenactor(args)
     if not args.quiet:
         print(f"driving: {args.driving} ({info.describe()})", file=sys.stderr)
-    cropper = FaceCropper(args.detector, device=reenactor.device)
+    cropper = _make_cropper(args)
     summary = reenact_video(reenactor, args.driving, out, source=source, batch_size=args.batch,
                             paste_back=args.paste_back, max_frames=args.max_frames, cropper=cropper,
                             codec=args.codec, progress=not args.quiet)
@@ -135,7 +151,6 @@ def cmd_reenact(args) -> int:
 
 
 def cmd_live(args) -> int:
-    from .pipeline.crop import FaceCropper
     from .pipeline.run import live
     from .pipeline.video import check_output_path
 
@@ -158,9 +173,10 @@ def cmd_live(args) -> int:
             raise UsageError("showing a window needs OpenCV (pip install opencv-python); or write a file with --out")
     _check_common(args)
     reenactor = _make_reenactor(args)
+    cropper = _make_cropper(args)
     summary = live(reenactor, source=source, camera=int(camera) if str(camera).isdigit() else camera,
                    out=args.out, show=show, max_frames=args.max_frames, paste_back=args.paste_back,
-                   fps=args.fps, cropper=FaceCropper(args.detector, device=reenactor.device))
+                   fps=args.fps, cropper=cropper)
     print(summary.line())
     return 0
 
@@ -264,6 +280,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"ostnet-fast: warning: {message}", file=sys.stderr)
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .pipeline.reenactor import BackendUnavailable
@@ -274,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger = logging.getLogger("ostnet_fast")
     handler = _log_handler()
     logger.addHandler(handler)
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` cleans up like Ctrl-C
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -285,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("ostnet-fast: interrupted (no partial output was kept)", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         logger.removeHandler(handler)
 
 

@@ -2,7 +2,9 @@
 every bad input -> one line on stderr, exit code 2, no output file."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from fractions import Fraction
@@ -90,8 +92,12 @@ BAD = {
     "checkpoint missing": (lambda d: ["--checkpoint", d / "w.safetensors"], "checkpoint not found"),
     "checkpoint corrupt": (lambda d: ["--checkpoint", _noise(d / "w.safetensors")], "not a readable safetensors"),
     "config unknown": (lambda d: ["--config", "vox-9000"], "unknown config"),
+    "fomm checkpoint corrupt": (lambda d: ["--checkpoint", _noise(d / "vox-cpk.pth.tar")],
+                                "not a loadable FOMM checkpoint"),
     "relative on onnx": (lambda d: ["--backend", "onnxruntime", "--relative"], "--relative needs"),
 }
+if importlib.util.find_spec("facenet_pytorch") is None:
+    BAD["mtcnn without facenet-pytorch"] = (lambda d: ["--detector", "mtcnn"], "--detector mtcnn needs facenet-pytorch")
 if not torch.cuda.is_available():
     BAD["cuda without cuda"] = (lambda d: ["--device", "cuda"], "CUDA is not available")
 
@@ -140,6 +146,34 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
             and p.parent != work]
     assert made == []  # no output, no temp file
     assert not any(".partial" in p.name for p in tmp_path.rglob("*"))
+
+
+def test_refused_run_creates_no_output_folder(tmp_path, capsys):
+    out = tmp_path / "new" / "sub" / "o.mp4"
+    code, _, stderr = run(capsys, "reenact", "--config", TINY, "--checkpoint", tmp_path / "missing.safetensors",
+                          "--out", out, "--quiet")
+    assert code == 2 and "checkpoint not found" in stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_sigterm_mid_write_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
+    # `kill` (SIGTERM) is handled like Ctrl-C: the writer aborts and removes its temp file.
+    import ostnet_fast.pipeline.run as run_module
+    from ostnet_fast.pipeline.video import VideoWriter
+
+    def killed_mid_write(reenactor, driving, out, **kw):
+        with VideoWriter(out, 25, 32, 32) as writer:
+            writer.write(np.zeros((32, 32, 3), np.uint8))
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(run_module, "reenact_video", killed_mid_write)
+    out = tmp_path / "out" / "o.mp4"
+    code, _, stderr = run(capsys, "reenact", "--config", TINY, "--max-frames", 2, "--out", out, "--quiet")
+    assert code != 0 and "interrupted" in stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.rglob("*") if ".partial" in p.name]
+    assert signal.getsignal(signal.SIGTERM) is not None  # restored after main returns
 
 
 def test_help_explains_every_option(capsys):

@@ -223,7 +223,9 @@ def _png(path: Path) -> Path:
 
 
 def test_check_output_path(tmp_path):
-    assert check_output_path(tmp_path / "new" / "deep" / "o.mp4").parent.is_dir()  # folders are made
+    # Checking creates nothing (a refused run leaves no folders); the writer creates them (create=True).
+    assert not check_output_path(tmp_path / "new" / "deep" / "o.mp4").parent.exists()
+    assert check_output_path(tmp_path / "new" / "deep" / "o.mp4", create=True).parent.is_dir()
     with pytest.raises(InputError, match="unknown video container"):
         check_output_path(tmp_path / "o.txt")
     (tmp_path / "file").write_text("x")

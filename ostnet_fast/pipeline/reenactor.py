@@ -352,7 +352,7 @@ class Reenactor:
         backend_size = getattr(self.backend, "size", None)  # exported graphs have a fixed resolution
         if backend_size is not None and int(backend_size) != self.size:
             if size is not None:
-                raise ValueError(f"size={size} but the {backend} graphs were built for {backend_size}")
+                raise BackendUnavailable(f"size={size} but the {backend} graphs were built for {backend_size}")
             self.size = int(backend_size)
         self.has_source = False
 

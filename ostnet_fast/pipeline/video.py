@@ -211,22 +211,28 @@ def output_format(path: str | Path) -> tuple[str, frozenset | None]:
     return OUTPUT_FORMATS[suffix]
 
 
-def check_output_path(path: str | Path) -> Path:
-    """Validate an output video path before any work: known container, a writable folder (created if
-    missing), not a directory. Raises InputError."""
+def check_output_path(path: str | Path, create: bool = False) -> Path:
+    """Validate an output video path before any work: known container, not a directory, and a folder
+    that exists and is writable or can be created (by a writable existing ancestor). Creates the folder
+    only with create=True (the writer, when it starts), so a refused run leaves nothing behind.
+    Raises InputError."""
     path = Path(path)
     output_format(path)
     if path.is_dir():
         raise InputError(f"output {path} is a directory; give a file name such as {path / 'out.mp4'}")
     parent = path.parent if str(path.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise InputError(f"output folder {parent} is not a directory") from None
-    except OSError as e:
-        raise InputError(f"output folder {parent} cannot be created ({e.strerror})") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"output folder {parent} is not writable")
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"output folder {parent} is not a directory ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"output folder {existing} is not writable")
+    if create:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"output folder {parent} cannot be created ({e.strerror})") from None
     return path
 
 
@@ -311,7 +317,7 @@ class VideoWriter:
                  codec: str = "libx264", audio_from: str | Path | None = None, crf: int | None = 18,
                  preset: str | None = "veryfast", options: dict[str, str] | None = None):
         _require_av()
-        self.path = check_output_path(path)
+        self.path = check_output_path(path, create=True)
         fmt, allowed_audio = output_format(self.path)
         self.fps = Fraction(fps).limit_denominator(1_000_000)
         if self.fps <= 0:
