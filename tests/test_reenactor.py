@@ -525,3 +525,21 @@ def test_gpu_pipeline_fp16_fused(tmp_path):
     s = reenact_video(r, driving_video_path(), tmp_path / "o.mp4", source=source_image(), batch_size=8,
                       max_frames=20, cropper=FaceCropper("center"), progress=False)
     assert s.frames == 20 and probe(tmp_path / "o.mp4").frame_count == 20
+
+
+def test_engine_weights_warning_follows_the_exported_graphs(tmp_path, capsys):
+    # With --engine, the weights are the graphs': no RANDOM warning for graphs exported from a
+    # checkpoint, a warning naming the files for graphs exported from random weights.
+    from ostnet_fast import save_checkpoint
+    from ostnet_fast.config import load_config
+    from ostnet_fast.export.onnx_export import export_graphs, load_model
+    cfg = load_config(TINY)
+    ckpt = save_checkpoint(tmp_path / "w.safetensors", tiny_model(), cfg)
+    for name, checkpoint in (("real", ckpt), ("random", None)):
+        model, config, src = load_model(checkpoint, TINY)
+        export_graphs(model, config, tmp_path / name, source=src)
+        capsys.readouterr()
+        r = Reenactor(config=TINY, backend="onnxruntime", engine=tmp_path / name)
+        err = capsys.readouterr().err
+        assert r.random_weights == (checkpoint is None)
+        assert ("RANDOM" in err) == (checkpoint is None), err

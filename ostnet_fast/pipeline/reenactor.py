@@ -329,6 +329,10 @@ class Reenactor:
         else:
             self.model, self.config, has_weights = build_model(checkpoint, config, self.device, seed)
         self.random_weights = not has_weights
+        if engine is not None and backend in ("onnxruntime", "tensorrt"):
+            # The graphs carry their own weights: judge those (after the backend loads its sidecars), not
+            # the PyTorch model built here only for its config.
+            self.random_weights = None
         if self.random_weights:
             # The stderr line is the loud one; the record is for applications' logging (the CLI drops it).
             log.warning(RANDOM_WEIGHTS_WARNING, extra={"shown_on_stderr": True})
@@ -349,6 +353,14 @@ class Reenactor:
                 raise BackendUnavailable(f"relative motion needs the torch or fused backend (the {backend} "
                                          "graphs take no keypoint transform)")
             self.backend = _external_backend(backend, self.model, self.device, fp16, engine, backend_kwargs)
+        if self.random_weights is None:
+            sidecars = getattr(self.backend, "sidecars", None) or {}
+            weights = (sidecars.get("frame") or {}).get("weights")
+            self.random_weights = weights == "random"
+            if self.random_weights:
+                warning = f"the {backend} model files in {engine} were exported from RANDOM weights"
+                log.warning(warning, extra={"shown_on_stderr": True})
+                print(f"WARNING: {warning}", file=sys.stderr, flush=True)
         backend_size = getattr(self.backend, "size", None)  # exported graphs have a fixed resolution
         if backend_size is not None and int(backend_size) != self.size:
             if size is not None:
