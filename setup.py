@@ -27,6 +27,8 @@ setup(
         "export": ["onnx>=1.15", "onnxruntime>=1.17", "onnx-graphsurgeon>=0.5", "polygraphy>=0.49",
                    "onnxscript"],
         "train": ["av>=12", "tensorboard"],
+        "face": ["facenet-pytorch"],  # MTCNN face boxes (needs torchvision); else a fixed centre crop
+        "bench": ["pytest-benchmark"],  # bench/bench_pipeline.py records through it when installed
         "triton": ["triton>=3.0"],
         # Builds TensorRT engines on a CPU-only machine (runs them on RTX-class GPUs only).
         "tensorrt-rtx": ["tensorrt-rtx-cu13-libs", "tensorrt-rtx-cu13-bindings"],
