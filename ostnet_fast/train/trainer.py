@@ -546,7 +546,8 @@ class Trainer:
         self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * self.batch_size)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.epoch)
-        workers = self.opts.num_workers
+        # No more workers than cores: beyond that they only contend (and torch warns on every epoch).
+        workers = min(self.opts.num_workers, os.cpu_count() or 1)
         return torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
             drop_last=True, pin_memory=self.device.type == "cuda",
@@ -632,7 +633,9 @@ class Trainer:
             if stopped:
                 self.log(f"SIGTERM: saved a checkpoint at step {self.step}; continue with --resume {self.run_dir}")
             else:
-                self.log(f"done: {self.step} steps; checkpoint in {self.run_dir / 'latest.json'}")
+                limit = ("--max-steps" if self.opts.max_steps is not None and self.step >= self.opts.max_steps
+                         else f"num_epochs = {self.config.train.num_epochs} of the config")
+                self.log(f"done: {self.step} steps (stopped by {limit}); checkpoint in {self.run_dir / 'latest.json'}")
             return 0
         finally:
             if self._pbar is not None:
