@@ -3,10 +3,9 @@ temperature 0.1, keypoints as expected coordinates in [-1, 1], optional 2x2 Jaco
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import pixel_coordinates
+from ..kernels import keypoint_head
 from .blocks import AntiAliasInterpolation2d, Hourglass
 
 
@@ -38,13 +37,12 @@ class KPDetector(nn.Module):
         feature_map = self.predictor(x, impl=impl)  # (B, F, h, w)
         prediction = self.kp(feature_map)  # (B, K, h', w')
         b, k, h, w = prediction.shape
-        # Softmax in fp32: at temperature 0.1 fp16 logits lose the peak.
-        prediction = prediction.to(torch.promote_types(prediction.dtype, torch.float32))
-        heatmap = F.softmax(prediction.view(b, k, -1) / self.temperature, dim=2).view(b, k, h, w)
-        grid = pixel_coordinates((h, w), device=x.device, dtype=heatmap.dtype)  # (h', w', 2)
-        out = {"value": torch.einsum("bkhw,hwc->bkc", heatmap, grid)}  # (B, K, 2)
+        jmap = None
         if self.jacobian is not None:
-            jmap = self.jacobian(feature_map).to(heatmap.dtype).view(b, self.num_jacobian_maps, 4, h, w)
-            jac = (heatmap.unsqueeze(2) * jmap).sum(dim=(-2, -1))  # (B, K, 4)
-            out["jacobian"] = jac.view(b, k, 2, 2)
+            jmap = self.jacobian(feature_map).view(b, self.num_jacobian_maps, 4, h, w)
+        # Softmax heatmaps (>= fp32), expected coordinates and heatmap-weighted Jacobians.
+        value, jacobian = keypoint_head(prediction, jmap, self.temperature, impl=impl)
+        out = {"value": value}  # (B, K, 2)
+        if jacobian is not None:
+            out["jacobian"] = jacobian  # (B, K, 2, 2)
         return out
