@@ -140,3 +140,30 @@ def test_config_errors_name_the_problem(tmp_path):
         load_config(bad)
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+def test_whole_model_every_kernel_forced_matches_reference(monkeypatch):
+    # Every fused op forced (Triton interpreter on CPU) through the whole model, in float64: the
+    # integration of the kernels (layouts, dtypes, which tensors each gets) against the reference,
+    # forward at inference and one training step's gradients.
+    from ostnet_fast.kernels._dispatch import interpreting, triton_available
+    if not (triton_available() and interpreting()):
+        pytest.skip("needs triton and TRITON_INTERPRET=1")
+    monkeypatch.setattr(OSTNet, "impl", property(lambda self: "triton" if self.fused else "reference"))
+    ref = make_model().double()
+    fused = make_model(fused=True).double()
+    fused.load_state_dict(ref.state_dict())
+    src, drv = (t.double() for t in images(2))
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(src, drv)["prediction"], ref.eval()(src, drv)["prediction"],
+                                   rtol=1e-10, atol=1e-10)
+    grads = []
+    for model in (ref.train(), fused.train()):
+        model.zero_grad()
+        out = model(src, drv)
+        (out["prediction"].square().mean() + out["rectified"].mean()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-8, atol=1e-10, msg=name)

@@ -11,10 +11,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import zconv_block
+from ..kernels._dispatch import use_triton
 
 
 class ResBlock2d(nn.Module):
-    """BN -> ReLU -> conv -> BN -> ReLU -> conv, plus the input (FOMM)."""
+    """BN -> ReLU -> conv -> BN -> ReLU -> conv, plus the input (FOMM).
+
+    Fused path (CUDA): conv1 -> norm2 -> ReLU is a z-conv block without z (BN and ReLU in its epilogue),
+    and at inference norm1 runs as PyTorch's native elementwise batch norm: cuDNN's NHWC inference BN
+    kernel takes ~35 us on one 256x64x64 sample on an H100, ten times the elementwise pass.
+    """
 
     def __init__(self, in_features: int, kernel_size=3, padding=1):
         super().__init__()
@@ -23,10 +29,19 @@ class ResBlock2d(nn.Module):
         self.norm1 = nn.BatchNorm2d(in_features, affine=True)
         self.norm2 = nn.BatchNorm2d(in_features, affine=True)
 
-    def forward(self, x):
-        out = self.conv1(F.relu(self.norm1(x)))
-        out = self.conv2(F.relu(self.norm2(out)))
-        return out + x
+    def forward(self, x, impl: str = "auto"):
+        fusable = self.conv1.kernel_size == (3, 3) and self.conv1.padding == (1, 1)
+        if not (fusable and use_triton("zconv_block", impl, x)):
+            out = self.conv1(F.relu(self.norm1(x)))
+            out = self.conv2(F.relu(self.norm2(out)))
+            return out + x
+        n = self.norm1
+        if self.training:
+            h = n(x)
+        else:
+            h = torch.native_batch_norm(x, n.weight, n.bias, n.running_mean, n.running_var, False, 0.0, n.eps)[0]
+        out = zconv_block(F.relu(h), None, self.conv1, self.norm2, "same", impl=impl)
+        return self.conv2(out) + x
 
 
 class _ConvBlock(nn.Module):
@@ -130,5 +145,6 @@ class AntiAliasInterpolation2d(nn.Module):
         if self.scale == 1.0:
             return x
         out = F.pad(x, (self.ka, self.kb, self.ka, self.kb))
-        out = F.conv2d(out, self.weight.to(out.dtype), groups=self.groups)
-        return out[:, :, ::self.step, ::self.step]
+        # Strided: the same values as FOMM's full-resolution blur followed by out[:, :, ::step, ::step],
+        # step**2 times less work.
+        return F.conv2d(out, self.weight.to(out.dtype), groups=self.groups, stride=self.step)

@@ -58,7 +58,8 @@ class OcclusionAwareGenerator(nn.Module):
             out = block(out, w(z).to(out.dtype), impl=impl)  # (B, C_{i+1}, H/2^i, W/2^i)
         deformation, out = dense_motion_combine(motion["mask_logits"], motion["sparse_motion"], out,
                                                 motion.get("occlusion_map"), impl=impl)
-        out = self.bottleneck(out)
+        for block in self.bottleneck:
+            out = block(out, impl=impl)
         for block, w in zip(self.up_blocks, self.W_up):
             out = block(out, w(z).to(out.dtype), impl=impl)
         prediction = torch.sigmoid(self.final(out))  # (B, C, H, W)
