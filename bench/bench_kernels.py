@@ -4,6 +4,9 @@ forward+backward, at the model's real shapes (batch 1 and 8, 256x256 images, 64x
     python bench/bench_kernels.py [--out DIR] [--quick]
 
 Rows: op | shape | dtype | mode | ours ms | baseline ms | speedup | GB/s (ours, bytes of inputs+outputs).
+Two timings of each pair: eager (CUDA events around each call: includes the host's launch cost, which
+dominates ops of a few microseconds) and GPU time (`*_gpu_ms`: the calls captured in a CUDA graph and
+replayed, as the model's fused path and torch.compile reduce-overhead run them).
 """
 from __future__ import annotations
 
@@ -16,11 +19,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import out_dir, print_table, time_ms, write_json  # noqa: E402
+from common import out_dir, print_table, time_graph_ms, time_ms, write_json  # noqa: E402
 
 # The kernels package re-exports each op under its module's name, so fetch the modules themselves.
-dm, gs, tg, tw, zc = (importlib.import_module(f"ostnet_fast.kernels.{m}")
-                      for m in ("dense_motion", "grid_sample", "tps_grid", "tps_warp", "zconv"))
+dm, gs, kh, tg, tw, zc = (importlib.import_module(f"ostnet_fast.kernels.{m}")
+                          for m in ("dense_motion", "grid_sample", "keypoint_head", "tps_grid", "tps_warp", "zconv"))
 from ostnet_fast.model.scale_transform import fiducial_layout  # noqa: E402
 
 DEV = "cuda"
@@ -37,11 +40,13 @@ def nbytes(*ts):
     return sum(t.numel() * t.element_size() for t in ts if torch.is_tensor(t))
 
 
-def measure(fwd, inputs, mode, iters):
-    """fwd() -> tensor or tuple; mode 'fwd' or 'fwd+bwd' (one shared random upstream gradient)."""
+def measure(fwd, inputs, mode, iters, graph=False):
+    """fwd() -> tensor or tuple; mode 'fwd' or 'fwd+bwd' (one shared random upstream gradient).
+    graph=True: GPU time from CUDA-graph replays (time_graph_ms), else eager per-call CUDA events."""
+    timer = time_graph_ms if graph else time_ms
     if mode == "fwd":
         with torch.no_grad():
-            return time_ms(fwd, iters=iters)
+            return timer(fwd, iters=iters)
     out = fwd()
     outs = out if isinstance(out, tuple) else (out,)
     grads = [torch.randn_like(o) for o in outs]
@@ -50,7 +55,7 @@ def measure(fwd, inputs, mode, iters):
         o = fwd()
         o = o if isinstance(o, tuple) else (o,)
         torch.autograd.backward(o, grads)
-    return time_ms(step, iters=iters, grad_to_none=[t for t in inputs if torch.is_tensor(t) and t.requires_grad])
+    return timer(step, iters=iters, grad_to_none=[t for t in inputs if torch.is_tensor(t) and t.requires_grad])
 
 
 def tps_case(b, size, dtype):
@@ -87,6 +92,12 @@ def cases(quick: bool):
                 yield dict(op="grid_sample", shape=label, dtype=dtype, inputs=[x, grid],
                            ours=lambda x=x, grid=grid: gs.grid_sample(x, grid, impl="triton"),
                            baseline=lambda x=x, grid=grid: F.grid_sample(x, grid.to(x.dtype), align_corners=True))
+            # keypoint head: K = 15 heatmaps of 58x58 (the 7x7 valid conv on the 64x64 hourglass output).
+            logits = rand(b, 15, 58, 58, dtype=dtype, grad=True)
+            jmap = rand(b, 15, 4, 58, 58, dtype=dtype, grad=True)
+            yield dict(op="keypoint_head", shape=f"B{b} K15 58x58", dtype=dtype, inputs=[logits, jmap],
+                       ours=lambda logits=logits, jmap=jmap: kh.keypoint_head(logits, jmap, 0.1, impl="triton"),
+                       baseline=lambda logits=logits, jmap=jmap: kh.keypoint_head_reference(logits, jmap, 0.1))
             # dense motion front end and combine, K = 15 at 64x64.
             k = 15
             src = rand(b, 3, 64, 64, dtype=dtype, grad=True)
@@ -137,6 +148,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="folder for kernels.json (default: $OUT or bench/results)")
     ap.add_argument("--quick", action="store_true", help="batch 8 only, fewer iterations")
     ap.add_argument("--ops", default="", help="comma-separated subset of ops")
+    ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph (GPU-time) columns")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU", file=sys.stderr)
@@ -158,6 +170,14 @@ def main(argv=None) -> int:
                 if "torch_best" in case:
                     best = measure(case["torch_best"], case["inputs"], mode, iters)
                     row.update(torch_best_ms=best["median_ms"], speedup_vs_best=best["median_ms"] / ours["median_ms"])
+                if not args.no_graph:  # the same pair as GPU time, the host's launch cost taken out
+                    try:
+                        ours_g = measure(case["ours"], case["inputs"], mode, iters, graph=True)
+                        base_g = measure(case["baseline"], case["inputs"], mode, iters, graph=True)
+                        row.update(ours_gpu_ms=ours_g["median_ms"], baseline_gpu_ms=base_g["median_ms"],
+                                   speedup_gpu=base_g["median_ms"] / ours_g["median_ms"])
+                    except Exception as e:
+                        row["graph_error"] = f"{type(e).__name__}: {e}"[:200]
                 with torch.no_grad():
                     out = case["ours"]()
                 moved = nbytes(*case["inputs"], *(out if isinstance(out, tuple) else (out,)))
@@ -166,7 +186,8 @@ def main(argv=None) -> int:
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
             rows.append(row)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    print_table(rows, ["op", "shape", "dtype", "mode", "ours_ms", "baseline_ms", "speedup", "torch_best_ms", "GB/s", "error"])
+    print_table(rows, ["op", "shape", "dtype", "mode", "ours_ms", "baseline_ms", "speedup", "torch_best_ms",
+                       "ours_gpu_ms", "baseline_gpu_ms", "speedup_gpu", "GB/s", "error"])
     write_json(out_dir(args.out), "kernels", rows,
                baseline="pure-PyTorch reference (F.grid_sample / F.conv2d + add + BN + ReLU + pool); torch_best = constant-matrix TPS + F.grid_sample")
     return 0

@@ -34,9 +34,12 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="ostnet-vox-256")
     ap.add_argument("--quick", action="store_true", help="fewer iterations")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    ap.add_argument("--compile-modes", default="default,reduce-overhead",
+                    help="torch.compile modes timed as baselines (comma list)")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--dtypes", default="float16,float32")
-    ap.add_argument("--channels-last", action="store_true", help="fused path in channels-last memory format")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="also time the fused model in channels-last memory format (weights, inputs, cached source)")
     ap.add_argument("--variants", default="", help="comma-separated subset, e.g. 'reference eager,fused + CUDA graphs'")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -48,26 +51,35 @@ def main(argv=None) -> int:
     ref = OSTNet(args.config).cuda().eval()
     fused = OSTNet(args.config, fused=True).cuda().eval()
     fused.load_state_dict(ref.state_dict())
+    fused_cl = None
     if args.channels_last:
-        fused = fused.to(memory_format=torch.channels_last)
+        fused_cl = OSTNet(args.config, fused=True).cuda().eval()
+        fused_cl.load_state_dict(ref.state_dict())
+        fused_cl = fused_cl.to(memory_format=torch.channels_last)
     size = ref.config.image_size
     source = torch.rand(1, 3, size, size, device="cuda")
     rows = []
     wanted = set(filter(None, args.variants.split(",")))
-    run_fused = not wanted or any(w.startswith("fused") for w in wanted)
+    run_fused = not wanted or any(w.startswith("fused") and "channels-last" not in w for w in wanted)
+    cl = lambda t: t.contiguous(memory_format=torch.channels_last)
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=dtype == torch.float16):
             ref_state = ref.encode_source(source)
             fused_state = fused.encode_source(source) if run_fused else None
+            cl_state = fused_cl.encode_source(cl(source)) if fused_cl is not None else None
         for b in map(int, args.batches.split(",")):
             driving = torch.rand(b, 3, size, size, device="cuda")
             variants = {"reference eager": make_step(ref, ref_state, dtype)}
             if not args.no_compile:
-                variants["reference compile"] = ("compile", "default")
-                variants["reference compile reduce-overhead"] = ("compile", "reduce-overhead")
+                for mode in filter(None, args.compile_modes.split(",")):
+                    name = "reference compile" + ("" if mode == "default" else f" {mode}")
+                    variants[name] = ("compile", mode)
             variants["fused eager"] = make_step(fused, fused_state, dtype)
-            variants["fused + CUDA graphs"] = "graph"
+            variants["fused + CUDA graphs"] = ("graph", fused, fused_state)
+            if fused_cl is not None:
+                variants["fused channels-last"] = make_step(fused_cl, cl_state, dtype)
+                variants["fused channels-last + CUDA graphs"] = ("graph", fused_cl, cl_state)
             variants = {k: v for k, v in variants.items() if not wanted or k in wanted or k == "reference eager"}
             base_ms = None
             best_compile_ms = None
@@ -76,14 +88,15 @@ def main(argv=None) -> int:
                 row = {"variant": name, "batch": b, "dtype": dtype_name}
                 try:
                     t0 = time.perf_counter()
-                    if isinstance(fn, tuple):
+                    if isinstance(fn, tuple) and fn[0] == "graph":
+                        x = cl(driving) if fn[1] is fused_cl else driving
+                        graphed = GraphedStep(make_step(fn[1], fn[2], dtype), (x,))
+                        fn = lambda d, g=graphed: g(d)  # copied into the graph's (channels-last) input buffer
+                    elif isinstance(fn, tuple):
                         torch._dynamo.reset()
                         fn = torch.compile(make_step(ref, ref_state, dtype), mode=fn[1])
                         fn(driving)
                         fn(driving)
-                    elif fn == "graph":
-                        graphed = GraphedStep(make_step(fused, fused_state, dtype), (driving,))
-                        fn = lambda x, g=graphed: g(x)
                     row["setup_s"] = time.perf_counter() - t0
                     out = fn(driving).float()
                     row["max_abs_vs_reference"] = (out - ref_out).abs().max().item()
@@ -100,6 +113,8 @@ def main(argv=None) -> int:
                     row["error"] = f"{type(e).__name__}: {e}"[:400]
                 rows.append(row)
                 print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+                # Written after every row: a run cut short by a time limit keeps what it measured.
+                write_json(out_dir(args.out), "model", rows, config=args.config, partial=True)
     print_table(rows, ["variant", "batch", "dtype", "ms_per_frame", "fps", "peak_mib", "speedup_vs_eager",
                        "speedup_vs_best_compile", "max_abs_vs_reference", "error"])
     write_json(out_dir(args.out), "model", rows, config=args.config,

@@ -95,6 +95,9 @@ def main(argv=None) -> int:
             row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             row["traceback_tail"] = traceback.format_exc().strip().splitlines()[-3:]
         rows.append(row)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        # Written after every mode: a run cut short by a time limit keeps what it measured.
+        write_json(out_dir(args.out), "bench_train", rows, device=str(device), config=config.name, partial=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     base = next((r.get("ms_per_step") for r in rows if r["mode"] == "reference"), None)

@@ -21,6 +21,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--fp16", action="store_true")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--channels-last", action="store_true", help="model, source and driving in channels-last")
+    ap.add_argument("--graph", action="store_true", help="profile CUDA-graph replays of the step (GPU kernels only)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_model: needs a CUDA GPU", file=sys.stderr)
@@ -30,6 +32,9 @@ def main(argv=None) -> int:
     size = model.config.image_size
     src = torch.rand(1, 3, size, size, device="cuda")
     drv = torch.rand(args.batch, 3, size, size, device="cuda")
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        src, drv = (t.contiguous(memory_format=torch.channels_last) for t in (src, drv))
     stages = {"kp_detector": model.kp_detector, "dense_motion": model.generator.dense_motion_network,
               "scale_transform": model.scale_transform}
     hooks = []
@@ -39,13 +44,18 @@ def main(argv=None) -> int:
         hooks.append(mod.register_forward_hook(lambda m, a, o: m.__dict__["_rf"].pop().__exit__(None, None, None)))
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=args.fp16):
         state = model.encode_source(src)
+        step = lambda: model.animate(state, drv)
+        if args.graph:
+            from ostnet_fast.runtime.cuda_graph import GraphedStep
+            graphed = GraphedStep(lambda d: model.animate(state, d), (drv,))
+            step = lambda: graphed(drv)
         for _ in range(5):
-            model.animate(state, drv)
+            step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
                 with record_function("frame"):
-                    model.animate(state, drv)
+                    step()
             torch.cuda.synchronize()
     for h in hooks:
         h.remove()
