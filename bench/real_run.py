@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -44,19 +45,32 @@ def main(argv=None) -> int:
     ap.add_argument("--vgg", help="VGG-19 weights; default: random (says so)")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    train_clip, test_clip = split_clip(out)
     run = out / "run"
+    if run.exists():  # never evaluate a checkpoint of an earlier run as if this one made it
+        print(f"real_run: {run} exists (an earlier run); pass a new --out", file=sys.stderr)
+        return 2
+    train_clip, test_clip = split_clip(out)
     cmd = [sys.executable, "-m", "ostnet_fast", "train", "--config", args.config, "--data", str(train_clip.parent),
            "--out", str(run), "--batch-size", str(args.batch_size), "--save-every", "100", "--log-every", "10",
            "--num-workers", "4", "--no-progress"] + (["--vgg", args.vgg] if args.vgg else ["--random-vgg"])
+    # SIGTERM (e.g. from `timeout`) unwinds through the finally below, which stops the trainer too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.time()
     proc = subprocess.Popen(cmd)
+    stopped = False
     try:
         proc.wait(timeout=args.seconds)
     except subprocess.TimeoutExpired:
-        proc.terminate()  # SIGTERM: the trainer saves a checkpoint and exits cleanly
+        stopped = True
+        proc.terminate()  # SIGTERM: the trainer saves a checkpoint after the step it is in, and exits
         proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:  # this script interrupted, or the trainer stuck: never leave it running
+            proc.kill()
     train_s = time.time() - t0
+    if not stopped and proc.returncode != 0:
+        print(f"real_run: training failed (exit code {proc.returncode})", file=sys.stderr)
+        return 1
     if not (run / "latest.json").exists():
         print(f"real_run: training wrote no checkpoint (exit code {proc.returncode})", file=sys.stderr)
         return 1

@@ -548,10 +548,13 @@ class Trainer:
             self.dataset.set_epoch(self.epoch)
         # No more workers than cores: beyond that they only contend (and torch warns on every epoch).
         workers = min(self.opts.num_workers, os.cpu_count() or 1)
+        # Workers start by spawn, not fork: the parent holds CUDA, Triton and FFmpeg (PyAV) threads, and a
+        # forked child can inherit one of their locks held (a hang, not an error).
         return torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
             drop_last=True, pin_memory=self.device.type == "cuda",
-            worker_init_fn=_ignore_sigterm if workers > 0 else None)
+            worker_init_fn=_ignore_sigterm if workers > 0 else None,
+            multiprocessing_context="spawn" if workers > 0 else None, persistent_workers=False)
 
     def _first_step(self, inputs):
         try:
