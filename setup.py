@@ -27,7 +27,11 @@ setup(
         "export": ["onnx>=1.15", "onnxruntime>=1.17", "onnx-graphsurgeon>=0.5", "polygraphy>=0.49",
                    "onnxscript"],
         "train": ["av>=12", "tensorboard"],
-        "face": ["facenet-pytorch"],  # MTCNN face boxes (needs torchvision); else a fixed centre crop
+        # MTCNN: facenet-pytorch's metadata pins torch<2.3, so it installs with --no-deps (README);
+        # this extra brings only its small runtime dependency.
+        "face": ["requests"],
+        # AKD / AED (eval --face-metrics): dlib-bin is dlib prebuilt (no compiler), imported as `dlib`.
+        "face-metrics": ["dlib-bin", "face-recognition-models"],
         "bench": ["pytest-benchmark"],  # bench/bench_pipeline.py records through it when installed
         "triton": ["triton>=3.0"],
         # Builds TensorRT engines on a CPU-only machine (runs them on RTX-class GPUs only).

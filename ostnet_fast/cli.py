@@ -54,7 +54,8 @@ def _check_common(args) -> None:
     if getattr(args, "detector", None) == "mtcnn":
         import importlib.util
         if importlib.util.find_spec("facenet_pytorch") is None:
-            raise UsageError("--detector mtcnn needs facenet-pytorch (and torchvision): pip install facenet-pytorch")
+            from .pipeline.crop import MTCNN_INSTALL
+            raise UsageError(f"--detector mtcnn needs facenet-pytorch and torchvision: {MTCNN_INSTALL}")
     import torch
 
     from .config import load_config

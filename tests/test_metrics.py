@@ -1,5 +1,6 @@
 """Metrics on known pairs, SSIM against skimage, LPIPS loading, optional face metrics, `ostnet-fast eval`."""
 import argparse
+import importlib.util
 import json
 
 import pytest
@@ -87,12 +88,9 @@ def test_lpips_missing_trunk_names_the_file(tmp_path, monkeypatch):
 
 
 def test_face_metrics_need_their_packages():
-    try:
-        import dlib  # noqa: F401
-        import face_recognition_models  # noqa: F401
+    # find_spec, not import: face_recognition_models' __init__ imports pkg_resources, gone from new setuptools.
+    if importlib.util.find_spec("dlib") and importlib.util.find_spec("face_recognition_models"):
         pytest.skip("dlib and face-recognition-models are installed")
-    except ImportError:
-        pass
     with pytest.raises(MissingDependencyError, match="pip install dlib face-recognition-models"):
         FaceMetrics()
 

@@ -2,7 +2,11 @@
 
 Boxes are square, integer pixel-edge boxes (x0, y0, x1, y1): columns x0 .. x1-1 and rows y0 .. y1-1,
 side = x1 - x0 = y1 - y0, always inside the frame. Detection: facenet-pytorch's MTCNN when it imports
-(optional; its weights ship in its wheel), else a fixed centre square (a warning, once per cropper).
+(optional; its P/R/O-Net weights ship in its wheel, nothing is downloaded), else a fixed centre square
+(a warning, once per cropper). facenet-pytorch 2.6.0 pins torch<2.3 and torchvision<0.18 in its
+metadata but runs on current ones: install it with --no-deps beside a torchvision built for the
+installed torch (MTCNN_INSTALL); PyPI's torchvision wheels are CUDA builds whose ops do not load beside
+a +cpu torch, which needs torchvision from the same index as torch.
 A frame where the detector finds no face keeps the previous box (or the centre square at the start),
 with a warning once. Boxes are smoothed over time by an exponential moving average of (centre, side).
 
@@ -64,32 +68,48 @@ def fit_box(cx: float, cy: float, side: float, height: int, width: int) -> Box:
     return (x0, y0, x0 + s, y0 + s)
 
 
+MTCNN_INSTALL = ("pip install --no-deps facenet-pytorch requests, plus torchvision built for your torch "
+                 "(e.g. torch 2.13 -> torchvision 0.28; for a +cpu torch: pip install --no-deps "
+                 "torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cpu)")
+
+
 def mtcnn_available() -> bool:
     return importlib.util.find_spec("facenet_pytorch") is not None
 
 
-def _make_mtcnn(device: str | torch.device) -> Callable[[list[np.ndarray]], list[Sequence[float] | None]] | None:
-    """MTCNN face detector -> fn(list of RGB frames) -> list of the most confident box or None. None when
-    facenet-pytorch (or torchvision, which it needs) does not import."""
+Detector = Callable[[list[np.ndarray]], list[np.ndarray | None]]
+
+
+def _load_mtcnn(device: str | torch.device) -> tuple[Detector | None, str]:
+    """-> (MTCNN detector or None, why None). The detector maps a list of (H, W, 3) uint8 RGB frames of
+    one size to, per frame, the most confident face box (x0, y0, x1, y1) as (4,) float64 pixels, or None."""
     if not mtcnn_available():
-        return None
+        return None, "facenet-pytorch is not installed"
     try:
         from facenet_pytorch import MTCNN
         mtcnn = MTCNN(keep_all=False, device=torch.device(device))
-    except Exception as e:  # ImportError of torchvision, missing weights in a broken install, ...
-        log.warning("facenet-pytorch is installed but MTCNN could not start (%s: %s)", type(e).__name__, e)
-        return None
+    except Exception as e:  # no torchvision, or one built for another torch ("torchvision::nms does not exist")
+        reason = f"facenet-pytorch is installed but MTCNN could not start ({type(e).__name__}: {e})"
+        log.warning("%s", reason)
+        return None, reason
 
-    def detect(frames: list[np.ndarray]) -> list[Sequence[float] | None]:
-        boxes, probs = mtcnn.detect(np.stack(frames) if len(frames) > 1 else frames[0][None])
+    def detect(frames: list[np.ndarray]) -> list[np.ndarray | None]:
+        # A batch comes back as object arrays (ragged face counts); None / [None] where no face is found.
+        boxes, probs = mtcnn.detect(np.stack(frames))  # (N, H, W, 3) -> N x (K, 4), N x (K,)
         out = []
         for b, p in zip(boxes, probs):
             if b is None or len(b) == 0:
                 out.append(None)
             else:
-                out.append(b[int(np.argmax(p))])
+                out.append(np.asarray(b[int(np.argmax(np.asarray(p, dtype=np.float64)))], dtype=np.float64))
         return out
-    return detect
+    return detect, ""
+
+
+def _make_mtcnn(device: str | torch.device) -> Detector | None:
+    """MTCNN face detector (see _load_mtcnn), or None when facenet-pytorch (or a torchvision that loads
+    beside this torch) is missing."""
+    return _load_mtcnn(device)[0]
 
 
 class FaceCropper:
@@ -114,14 +134,14 @@ class FaceCropper:
         if callable(detector):
             self._detect, self.method = detector, "custom"
         elif detector in ("auto", "mtcnn"):
-            self._detect = _make_mtcnn(device)
+            self._detect, why = _load_mtcnn(device)
             self.method = "mtcnn" if self._detect is not None else "center"
             if self._detect is None:
                 if detector == "mtcnn":
-                    raise ImportError("detector='mtcnn' needs facenet-pytorch (and torchvision): "
-                                      "pip install facenet-pytorch")
-                self._warn("no-detector", "face detection needs facenet-pytorch (pip install facenet-pytorch);"
-                           " using a fixed centre square crop")
+                    raise ImportError(f"detector='mtcnn' needs facenet-pytorch (and torchvision): {why}; "
+                                      f"{MTCNN_INSTALL}")
+                self._warn("no-detector", f"face detection needs facenet-pytorch ({why}; {MTCNN_INSTALL}); "
+                           "using a fixed centre square crop")
         elif detector == "center":
             self._detect, self.method = None, "center"
         else:
