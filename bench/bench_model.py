@@ -49,13 +49,13 @@ def main(argv=None) -> int:
     iters = 20 if args.quick else 50
     torch.manual_seed(0)
     ref = OSTNet(args.config).cuda().eval()
-    fused = OSTNet(args.config, fused=True).cuda().eval()
-    fused.load_state_dict(ref.state_dict())
-    fused_cl = None
-    if args.channels_last:
-        fused_cl = OSTNet(args.config, fused=True).cuda().eval()
-        fused_cl.load_state_dict(ref.state_dict())
-        fused_cl = fused_cl.to(memory_format=torch.channels_last)
+
+    def fused_model():  # the reference's weights, fused kernels
+        model = OSTNet(args.config, fused=True).cuda().eval()
+        model.load_state_dict(ref.state_dict())
+        return model
+    fused = fused_model()
+    fused_cl = fused_model().to(memory_format=torch.channels_last) if args.channels_last else None
     size = ref.config.image_size
     source = torch.rand(1, 3, size, size, device="cuda")
     rows = []

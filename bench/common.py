@@ -65,9 +65,7 @@ def time_ms(fn: Callable[[], object], warmup: int = 10, iters: int = 50, grad_to
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
-    return {"median_ms": statistics.median(times), "p20_ms": q(0.2), "p80_ms": q(0.8), "iters": iters}
+    return _summary(times)
 
 
 def time_graph_ms(fn: Callable[[], object], iters: int = 50, grad_to_none=(), reps: int = 10,
@@ -76,35 +74,31 @@ def time_graph_ms(fn: Callable[[], object], iters: int = 50, grad_to_none=(), re
     events around each replay, median per call. Small kernels are launch-bound in eager timing (Python +
     driver ~10-40 us a launch), which hides what the GPU does; inside a CUDA graph (how the model's fused
     path and torch.compile's reduce-overhead run) only GPU time is left. Used for both sides of a ratio."""
+    from ostnet_fast.runtime.cuda_graph import GraphedStep
+
     def body():
-        for t in grad_to_none:
-            t.grad = None
-        fn()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (Triton compile, cuDNN autotune) off the capture
-        for _ in range(warmup):
-            body()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
         for _ in range(reps):
-            body()
-    graph.replay()
+            for t in grad_to_none:
+                t.grad = None
+            fn()
+    graphed = GraphedStep(body, (), warmup=warmup)  # warm-up (Triton compile, cuDNN autotune), capture
+    graphed.graph.replay()
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay()
+        graphed.graph.replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / reps)
-    del graph
-    times.sort()
+    return _summary(times)
+
+
+def _summary(times: list[float]) -> dict:
+    times = sorted(times)
     q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
-    return {"median_ms": statistics.median(times), "p20_ms": q(0.2), "p80_ms": q(0.8), "iters": iters}
+    return {"median_ms": statistics.median(times), "p20_ms": q(0.2), "p80_ms": q(0.8), "iters": len(times)}
 
 
 def peak_memory_mib(fn: Callable[[], object]) -> float:

@@ -4,10 +4,10 @@ heatmap = softmax(logits / temperature) over the h x w pixels of each keypoint, 
 value   = sum_p heatmap(p) * (x_p, y_p)                    (B, K, 2), pixel centres in [-1, 1]
 jacobian = sum_p heatmap(p) * jacobian_map(p)              (B, K, 2, 2)
 
-In PyTorch this is a softmax, an fp32 matmul of a (B K, h w) x (h w, 2) shape that cuBLAS runs as a
-~50 us single-tile kernel on an H100, and a broadcast multiply + reduction (~20 us): ~90 us of a ~2 ms
-frame. Fused: ONE program per (sample, keypoint) streams its logits twice (online max / sum, then the
-weighted sums), nothing but the 6 results is written. Backward, one kernel:
+In PyTorch this is a softmax, a small fp32 matmul for the coordinates and a broadcast multiply +
+reduction for the Jacobians (two ~20 us reductions per frame in the H100 profile of the fused model,
+bench/results/h100-2026-11-25-s2). Fused: ONE program per (sample, keypoint) streams its logits twice
+(online max / sum, then the weighted sums), nothing but the 6 results is written. Backward, one kernel:
     g_heat(p) = x_p gv_x + y_p gv_y + sum_c J_c(p) gj_c,  sum_p heat g_heat = value . gv + jacobian . gj
     d logits  = heat (g_heat - value . gv - jacobian . gj) / temperature,  d J_c = heat gj_c
 Limits: one Jacobian map per keypoint (FOMM's single_jacobian_map takes the reference); h * w and the

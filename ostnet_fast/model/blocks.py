@@ -14,6 +14,11 @@ from ..kernels import zconv_block
 from ..kernels._dispatch import use_triton
 
 
+def _epilogue_fits(conv: nn.Conv2d) -> bool:
+    """The fused z-conv epilogue is derived for 3x3 convs with padding 1; other convs take the reference."""
+    return conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+
+
 class ResBlock2d(nn.Module):
     """BN -> ReLU -> conv -> BN -> ReLU -> conv, plus the input (FOMM).
 
@@ -30,8 +35,7 @@ class ResBlock2d(nn.Module):
         self.norm2 = nn.BatchNorm2d(in_features, affine=True)
 
     def forward(self, x, impl: str = "auto"):
-        fusable = self.conv1.kernel_size == (3, 3) and self.conv1.padding == (1, 1)
-        if not (fusable and use_triton("zconv_block", impl, x)):
+        if not (_epilogue_fits(self.conv1) and use_triton("zconv_block", impl, x)):
             out = self.conv1(F.relu(self.norm1(x)))
             out = self.conv2(F.relu(self.norm2(out)))
             return out + x
@@ -54,8 +58,8 @@ class _ConvBlock(nn.Module):
 
     def forward(self, x, zb: torch.Tensor | None = None, impl: str = "auto"):
         """x (B, C_in, H, W), zb (B, C_in) added to x before the block (OSTNet's W_i z)."""
-        if self.conv.kernel_size != (3, 3) or self.conv.padding != (1, 1):
-            impl = "reference"  # the fused epilogue is derived for 3x3 convs with padding 1
+        if not _epilogue_fits(self.conv):
+            impl = "reference"
         return zconv_block(x, zb, self.conv, self.norm, self.mode, impl=impl)
 
 

@@ -198,7 +198,9 @@ class FusedBackend(TorchBackend):
         # caller's model (and its checkpoint saving, which needs contiguous tensors) is untouched.
         self.channels_last = channels_last and self.device.type == "cuda"
         if self.channels_last:
-            self.model = _model_copy(self.model, fused=True).to(memory_format=torch.channels_last)
+            if self.model is model:  # not already a copy made by TorchBackend
+                self.model = _model_copy(model, fused=True)
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graph = None
         self._pool = None

@@ -554,7 +554,7 @@ class Trainer:
             self.dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
             drop_last=True, pin_memory=self.device.type == "cuda",
             worker_init_fn=_ignore_sigterm if workers > 0 else None,
-            multiprocessing_context="spawn" if workers > 0 else None, persistent_workers=False)
+            multiprocessing_context="spawn" if workers > 0 else None)
 
     def _first_step(self, inputs):
         try:
