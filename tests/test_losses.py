@@ -138,6 +138,9 @@ def test_keypoint_distance_loss():
     assert keypoint_distance_loss(kp, 0.1).item() == pytest.approx(0.05, abs=1e-6)
     # Far apart keypoints cost nothing; the pair i == i is excluded.
     assert keypoint_distance_loss(torch.tensor([[[-0.5, 0.0], [0.5, 0.0]]]), 0.1).item() == 0.0
+    # Mean over the 6 ordered pairs of 3 keypoints (not the 9 with i == j): one close pair costs 2 x 0.05.
+    kp3 = torch.tensor([[[0.0, 0.0], [0.05, 0.0], [1.0, 0.0]]]).repeat(2, 1, 1)
+    assert keypoint_distance_loss(kp3, 0.1).item() == pytest.approx(0.1 / 6, abs=1e-6)
     kp = torch.zeros(2, 4, 2, requires_grad=True)
     keypoint_distance_loss(kp + torch.randn(2, 4, 2) * 0.01, 0.1).backward()
     assert kp.grad.abs().sum() > 0  # pushes clustered keypoints apart

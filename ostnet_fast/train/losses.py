@@ -269,8 +269,9 @@ def keypoint_distance_loss(kp: torch.Tensor, gamma: float = 0.1) -> torch.Tensor
     if k < 2:
         return kp.new_zeros(())
     dist = (kp.unsqueeze(2) - kp.unsqueeze(1)).abs().sum(-1).float()  # (B, K, K)
-    off_diag = ~torch.eye(k, dtype=torch.bool, device=kp.device)
-    return F.relu(gamma - dist)[:, off_diag].mean()
+    # A multiplied mask, not boolean indexing: that one reads the mask on the host (no CUDA graph capture).
+    off_diag = 1.0 - torch.eye(k, dtype=dist.dtype, device=kp.device)
+    return (F.relu(gamma - dist) * off_diag).sum() / (b * k * (k - 1))
 
 
 class TrainingModel(nn.Module):
