@@ -1,5 +1,6 @@
 """Training: the step lowers the loss, checkpoints and bit-for-bit resume, DDP on gloo, SIGTERM, CLI."""
 import argparse
+import csv
 import importlib.util
 import json
 import os
@@ -176,7 +177,7 @@ def _ddp_worker(rank, world, port, data, out, result_dir):
     trainer = Trainer(options(config=tiny_config(num_repeats=4), data=data, out=out, max_steps=3))
     trainer.run()
     weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    seen = list(iter(trainer.sampler))
+    seen = [index for epoch, index in trainer.sampler if epoch == 0]  # one epoch: disjoint across ranks
     # One more backward through DDP on rank-specific data: DDP must all-reduce the gradients.
     items = [trainer.dataset[i] for i in (2 * rank, 2 * rank + 1)]
     batch = {k: torch.stack([it[k] for it in items]) for k in ("source", "driving")}
@@ -330,3 +331,78 @@ def test_train_on_gpu_with_amp_and_fused_kernels(tmp_path):
     assert trainer.fused and trainer.amp == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     last = (tmp_path / "run" / "log.csv").read_text().splitlines()[-1].split(",")
     assert int(last[0]) == 3 and torch.isfinite(torch.tensor(float(last[3])))
+
+
+def test_cuda_graphs_say_why_they_cannot_run():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    from ostnet_fast.train.trainer import cuda_graphs_unavailable
+    assert "CUDA device" in cuda_graphs_unavailable(cpu, "off", False, False)
+    assert "GradScaler" in cuda_graphs_unavailable(cuda, "fp16", False, False)
+    assert "DDP" in cuda_graphs_unavailable(cuda, "bf16", True, False)
+    assert "--compile" in cuda_graphs_unavailable(cuda, "bf16", False, True)
+    assert cuda_graphs_unavailable(cuda, "bf16", False, False) is None
+
+
+def test_cuda_graphs_asked_for_on_cpu_is_a_usage_error(tmp_path):
+    from ostnet_fast.train.trainer import UsageError
+    data = tiny_dataset(tmp_path / "data")
+    with pytest.raises(UsageError, match="--cuda-graphs: CUDA graphs need a CUDA device"):
+        Trainer(options(config=tiny_config(), data=str(data), out=str(tmp_path / "run"), cuda_graphs=True)).setup()
+
+
+def test_graphed_step_refuses_an_optimizer_that_cannot_be_captured():
+    from ostnet_fast.train.graphed import GraphedTrainStep
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="capturable=True"):
+        GraphedTrainStep(lambda inputs: None, torch.optim.Adam(model.parameters()))
+    with pytest.raises(ValueError, match="warmup"):
+        GraphedTrainStep(lambda inputs: None, torch.optim.Adam(model.parameters(), capturable=True), warmup=0)
+
+
+def test_resume_keeps_this_runs_capturable_flag():
+    # A checkpoint of a GPU run (capturable Adam) resumed on the CPU (Adam cannot be capturable there), and back.
+    cfg = load_config(TINY)
+    model = OSTNet(cfg.model)
+    for saved, now in ((True, False), (False, True)):
+        opt_saved, sched_saved = build_optimizer(model, cfg, capturable=saved)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        tensors, meta = training_state(opt_saved, sched_saved, scaler, 0, 0, 0, {})
+        meta = json.loads(json.dumps(meta))
+        opt_now, sched_now = build_optimizer(model, cfg, capturable=now)
+        restore_training_state(tensors, meta, opt_now, sched_now, scaler)
+        assert all(g["capturable"] is now for g in opt_now.param_groups)
+
+
+def test_one_loader_serves_every_epoch_in_order_and_resumes_mid_epoch():
+    from ostnet_fast.train.trainer import EpochSampler
+    data = list(range(10))
+    whole = list(EpochSampler(data, 1, 0, seed=3, batch_size=4, num_epochs=3))
+    assert len(whole) == 3 * 8  # 10 samples -> 2 batches of 4 per epoch
+    assert [e for e, _ in whole] == [0] * 8 + [1] * 8 + [2] * 8
+    assert [i for e, i in whole if e == 0] != [i for e, i in whole if e == 1]  # reshuffled each epoch
+    resumed = EpochSampler(data, 1, 0, seed=3, batch_size=4, num_epochs=3, start_epoch=1, skip=4)
+    assert list(resumed) == whole[12:] and len(resumed) == 12
+
+
+def test_a_failed_capture_reports_the_op_that_broke_it():
+    from ostnet_fast.runtime.cuda_graph import root_cause
+    try:
+        try:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+        finally:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+    except RuntimeError as e:
+        assert root_cause(e) == "RuntimeError: CUDA error: operation not permitted when stream is capturing"
+
+
+def test_channels_last_training_matches_the_default_layout(tmp_path):
+    # The GPU default (channels-last model, VGG and images) trains the same model as NCHW, up to rounding.
+    data = tiny_dataset(tmp_path / "data")
+    runs = {}
+    for cl in (False, True):
+        trainer = run_training(options(config=tiny_config(), data=str(data), out=str(tmp_path / f"run{cl}"),
+                                       max_steps=2, channels_last=cl))
+        conv = trainer.model.kp_detector.predictor.encoder.down_blocks[0].conv.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == cl and conv.dim() == 4
+        runs[cl] = [float(r["loss"]) for r in csv.DictReader(open(tmp_path / f"run{cl}" / "log.csv"))]
+    assert runs[True] == pytest.approx(runs[False], rel=1e-5)

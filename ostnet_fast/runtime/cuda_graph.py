@@ -40,3 +40,12 @@ class GraphedStep:
             static.copy_(new, non_blocking=True)
         self.graph.replay()
         return self.static_outputs
+
+
+def root_cause(e: BaseException) -> str:
+    """The first error of a failed capture, in one line. The op that cannot be captured raises; leaving
+    the capture then raises 'operation failed due to a previous error during capture', which hides it."""
+    while e.__context__ is not None and "previous error during capture" in str(e):
+        e = e.__context__
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}"

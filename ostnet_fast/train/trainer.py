@@ -26,6 +26,8 @@ import collections
 import contextlib
 import csv
 import dataclasses
+import faulthandler
+import functools
 import json
 import math
 import os
@@ -72,6 +74,10 @@ class TrainOptions:
     init_fomm: str | None = _opt(None, "fine-tune from a FOMM checkpoint (vox-cpk.pth.tar)", "PATH")
     fused: bool | None = _opt(None, "fused kernels (default: on with CUDA)")
     compile: bool = _opt(False, "torch.compile the model and losses")
+    channels_last: bool | None = _opt(None, "channels-last memory format for the model and images (default: on "
+                                            "with CUDA, where cuDNN's bf16/fp16 convolutions run NHWC)")
+    cuda_graphs: bool | None = _opt(None, "replay the training step from a CUDA graph (default: on where it can: "
+                                          "CUDA, bf16 or no AMP, one process, no --compile)")
     max_steps: int | None = _opt(None, "stop after this many optimizer steps in total", "N")
     batch_size: int | None = _opt(None, "samples per process per step (default: the config's)", "N")
     vgg: str | None = _opt(None, "VGG-19 weights (torchvision's vgg19-dcbb9e9d.pth); default: "
@@ -139,22 +145,44 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(s)
 
 
-class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
-    """DistributedSampler (order from seed + epoch) that can skip the first samples of an epoch."""
+class EpochSampler(torch.utils.data.Sampler):
+    """The whole run's sample keys (epoch, index), epoch after epoch: DistributedSampler's order within an
+    epoch (seed + epoch, this rank's share), each epoch cut to whole batches, the first `skip` samples of
+    `start_epoch` left out (a resumed run). One DataLoader then serves the whole run: workers start once
+    and keep prefetching across epoch ends."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.skip = 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        super().set_epoch(epoch)
-        self.skip = skip
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, batch_size: int, num_epochs: int,
+                 start_epoch: int = 0, skip: int = 0):
+        self.order = torch.utils.data.distributed.DistributedSampler(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.per_epoch = self.order.num_samples // batch_size * batch_size
+        self.num_epochs, self.start_epoch, self.skip = num_epochs, start_epoch, skip
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
+        for epoch in range(self.start_epoch, self.num_epochs):
+            self.order.set_epoch(epoch)
+            first = self.skip if epoch == self.start_epoch else 0
+            yield from ((epoch, i) for i in list(self.order)[first:self.per_epoch])
 
     def __len__(self) -> int:
-        return self.num_samples - self.skip
+        return max(0, (self.num_epochs - self.start_epoch) * self.per_epoch - self.skip)
+
+
+class EpochItems(torch.utils.data.Dataset):
+    """dataset[(epoch, index)]: tells this process's copy of the dataset the epoch (its frame pairs depend
+    on it), then reads the sample; so workers that live across epochs follow them."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
 
 
 def _ignore_sigterm(_worker_id: int) -> None:
@@ -179,16 +207,19 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     return amp
 
 
-def autocast_context(amp: str, device: torch.device):
+def autocast_context(amp: str, device: torch.device, cache_enabled: bool = True):
+    """cache_enabled=False under CUDA graph capture: autocast's cast cache must not outlive a replay."""
     if amp == "off":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16,
+                          cache_enabled=cache_enabled)
 
 
-def prepare_batch(batch: dict, step_gen: torch.Generator, config: Config, device: torch.device):
+def prepare_batch(batch: dict, step_gen: torch.Generator, config: Config, device: torch.device,
+                  memory_format: torch.memory_format = torch.contiguous_format):
     """-> (source, driving, target, theta, tps_params) on device: driving = augmented target (sec. 3.4)."""
-    source = batch["source"].to(device, non_blocking=True)
-    target = batch["driving"].to(device, non_blocking=True)
+    source = batch["source"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    target = batch["driving"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
     b = source.shape[0]
     alpha, beta = draw_factors(b, config.train.augmentation_delta, step_gen)
     driving = scale_augment(target, alpha, beta)
@@ -197,29 +228,52 @@ def prepare_batch(batch: dict, step_gen: torch.Generator, config: Config, device
     return source, driving, target, theta.to(device), tps_params.to(device)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               inputs: tuple, amp_ctx, grad_clip: float | None, params: list[torch.Tensor]):
-    """One optimizer step (nanoGPT's order). -> (total, {name: term}, grad_norm), detached tensors."""
+def optimizer_update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                     inputs: tuple, amp_ctx, grad_clip: float | None, params: list[torch.Tensor]):
+    """Forward, backward, clipping, optimizer step (nanoGPT's order); the gradients stay in .grad.
+    No host synchronisation unless the scaler is enabled: a CUDA graph can capture it.
+    -> (total, {name: term}, grad_norm), detached tensors."""
     with amp_ctx:
         total, losses = model(*inputs)
     scaler.scale(total).backward()
     scaler.unscale_(optimizer)
     if grad_clip and grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
     else:
         grad_norm = torch.linalg.vector_norm(
             torch.stack([torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))
     scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
     return total.detach(), {k: v.detach() for k, v in losses.items()}, grad_norm.detach()
 
 
-def build_optimizer(model: nn.Module, config: Config):
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               inputs: tuple, amp_ctx, grad_clip: float | None, params: list[torch.Tensor]):
+    """One optimizer step, eagerly. -> (total, {name: term}, grad_norm), detached tensors."""
+    out = optimizer_update(model, optimizer, scaler, inputs, amp_ctx, grad_clip, params)
+    optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+def build_optimizer(model: nn.Module, config: Config, capturable: bool = False):
+    """Adam + FOMM's MultiStepLR; capturable=True keeps Adam's step count on the GPU (CUDA graphs)."""
     t = config.train
-    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas))
+    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas), capturable=capturable)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(t.epoch_milestones), gamma=0.1)
     return optimizer, scheduler
+
+
+def cuda_graphs_unavailable(device: torch.device, amp: str, distributed: bool, compile: bool) -> str | None:
+    """None if the training step can be captured in a CUDA graph here, else why not."""
+    if device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if amp == "fp16":
+        return "fp16 AMP's GradScaler reads the GPU every step (use --amp bf16 or off)"
+    if distributed:
+        return "not under DDP (torchrun) yet"
+    if compile:
+        return "--compile brings its own (torch.compile mode='reduce-overhead')"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -291,6 +345,9 @@ def restore_training_state(tensors: dict[str, torch.Tensor], meta: dict, optimiz
     for g in groups:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
+    for g, current in zip(groups, optimizer.param_groups):  # how this run steps, not how the saved one did
+        if "capturable" in current:
+            g["capturable"] = current["capturable"]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     scheduler.load_state_dict(_from_json(meta["scheduler"]))
     if meta.get("scaler"):
@@ -415,9 +472,8 @@ class Trainer:
                 self.dataset.check()
         else:
             self.dataset = self._dataset
-        self.sampler = ResumableSampler(self.dataset, num_replicas=env.world_size, rank=env.rank,
-                                        shuffle=True, seed=opts.seed, drop_last=True)
-        self.steps_per_epoch = self.sampler.num_samples // self.batch_size
+        self.steps_per_epoch = EpochSampler(self.dataset, env.world_size, env.rank, opts.seed, self.batch_size,
+                                            num_epochs=1).per_epoch // self.batch_size
         if self.steps_per_epoch < 1:
             raise UsageError(f"dataset too small: {len(self.dataset)} samples over {env.world_size} process(es) "
                              f"give no full batch of {self.batch_size} (raise num_repeats or lower --batch-size)")
@@ -443,8 +499,15 @@ class Trainer:
             except (FileNotFoundError, ValueError) as e:
                 raise UsageError(str(e)) from None
         self.training_model = TrainingModel(self.model, self.config.train, vgg).to(self.device)
+        self.channels_last = self.device.type == "cuda" if opts.channels_last is None else bool(opts.channels_last)
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.training_model.to(memory_format=self.memory_format)  # the model's and VGG's conv weights
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer, self.scheduler = build_optimizer(self.model, self.config)
+        why_not = cuda_graphs_unavailable(self.device, self.amp, env.enabled, opts.compile)
+        if opts.cuda_graphs and why_not:
+            raise UsageError(f"--cuda-graphs: {why_not}")
+        self.cuda_graphs = opts.cuda_graphs is not False and why_not is None
+        self.optimizer, self.scheduler = build_optimizer(self.model, self.config, capturable=self.cuda_graphs)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         if self._resume:
@@ -469,6 +532,13 @@ class Trainer:
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step_model = module
         self.amp_ctx = autocast_context(self.amp, self.device)
+        self._graphed = None
+        if self.cuda_graphs:
+            from .graphed import GraphedTrainStep
+            update = functools.partial(optimizer_update, self.step_model, self.optimizer, self.scaler,
+                                       amp_ctx=autocast_context(self.amp, self.device, cache_enabled=False),
+                                       grad_clip=self.config.train.grad_clip, params=self.params)
+            self._graphed = GraphedTrainStep(update, self.optimizer, say=self.log)
 
     # -- files --------------------------------------------------------------------------------------
     def save(self) -> Path | None:
@@ -543,23 +613,30 @@ class Trainer:
         return bool(flag.item())
 
     def _loader(self):
-        self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * self.batch_size)
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(self.epoch)
-        # No more workers than cores: beyond that they only contend (and torch warns on every epoch).
+        """Batches from the next one to train (self.epoch, self.batch_in_epoch) to the end of the run."""
+        self.sampler = EpochSampler(self.dataset, self.env.world_size, self.env.rank, self.opts.seed,
+                                    self.batch_size, self.config.train.num_epochs, start_epoch=self.epoch,
+                                    skip=self.batch_in_epoch * self.batch_size)
+        # No more workers than cores: beyond that they only contend (and torch warns).
         workers = min(self.opts.num_workers, os.cpu_count() or 1)
         # Workers start by spawn, not fork: the parent holds CUDA, Triton and FFmpeg (PyAV) threads, and a
         # forked child can inherit one of their locks held (a hang, not an error).
         return torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
+            EpochItems(self.dataset), batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
             drop_last=True, pin_memory=self.device.type == "cuda",
             worker_init_fn=_ignore_sigterm if workers > 0 else None,
-            multiprocessing_context="spawn" if workers > 0 else None)
+            multiprocessing_context="spawn" if workers > 0 else None,
+            prefetch_factor=4 if workers > 0 else None)
+
+    def step_fn(self, inputs):
+        if self._graphed is not None:
+            return self._graphed(inputs)
+        return train_step(self.step_model, self.optimizer, self.scaler, inputs, self.amp_ctx,
+                          self.config.train.grad_clip, self.params)
 
     def _first_step(self, inputs):
         try:
-            return train_step(self.step_model, self.optimizer, self.scaler, inputs, self.amp_ctx,
-                              self.config.train.grad_clip, self.params)
+            return self.step_fn(inputs)
         except Exception as e:
             if self.opts.compile:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -585,51 +662,55 @@ class Trainer:
         try:
             t_last, steps_since = time.perf_counter(), 0
             first = True
+            loader_iter = iter(self._loader())
             while self.epoch < self.config.train.num_epochs and (max_steps is None or self.step < max_steps):
-                loader_iter = iter(self._loader())
-                while max_steps is None or self.step < max_steps:
-                    try:
-                        batch = next(loader_iter)
-                    except StopIteration:
-                        break
-                    except Exception:
-                        if self.stop_requested:  # workers killed with us (e.g. a process-group SIGTERM)
-                            break
-                        raise
-                    gen = step_generator(self.opts.seed, self.env.rank, self.step)
-                    inputs = prepare_batch(batch, gen, self.config, self.device)
-                    if first:
-                        total, losses, grad_norm = self._first_step(inputs)
-                        first = False
-                    else:
-                        total, losses, grad_norm = train_step(self.step_model, self.optimizer, self.scaler, inputs,
-                                                              self.amp_ctx, self.config.train.grad_clip, self.params)
-                    self.step += 1
-                    self.batch_in_epoch += 1
-                    steps_since += 1
-                    if self._pbar is not None:
-                        self._pbar.update(1)
-                    if self.step % max(1, self.opts.log_every) == 0 or self.step == 1:
-                        now = time.perf_counter()
-                        rate = steps_since * self.batch_size * self.env.world_size / max(now - t_last, 1e-9)
-                        row = {"step": self.step, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
-                               "loss": total.item(), **{k: v.item() for k, v in losses.items()},
-                               "grad_norm": grad_norm.item(),
-                               "samples_per_s": rate}
-                        if not math.isfinite(row["loss"]):
-                            self.log(f"warning: non-finite loss at step {self.step}")
-                        self._write_log(row)
-                        t_last, steps_since = now, 0
-                    if self.step % max(1, self.opts.save_every) == 0:
-                        self.save()
-                    if self._sync_stop():
+                try:
+                    batch = next(loader_iter)
+                except StopIteration:
+                    break
+                except Exception:
+                    if self.stop_requested:  # workers killed with us (e.g. a process-group SIGTERM)
                         stopped = True
                         break
-                if self.batch_in_epoch >= self.steps_per_epoch:
+                    raise
+                gen = step_generator(self.opts.seed, self.env.rank, self.step)
+                inputs = prepare_batch(batch, gen, self.config, self.device, self.memory_format)
+                if first:
+                    # Both can take minutes (worker start-up; Triton and cuDNN compiling on a cold cache):
+                    # say so, so that a slow start is not mistaken for a hang.
+                    self.log(f"first batch after {time.perf_counter() - t_last:.1f} s")
+                    t_first = time.perf_counter()
+                    total, losses, grad_norm = self._first_step(inputs)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    self.log(f"first step took {time.perf_counter() - t_first:.1f} s (kernels compile on it)")
+                    first = False
+                else:
+                    total, losses, grad_norm = self.step_fn(inputs)
+                epoch = self.epoch
+                self.step += 1
+                self.batch_in_epoch += 1
+                if self.batch_in_epoch >= self.steps_per_epoch:  # the state always names the next batch
                     self.epoch += 1
                     self.batch_in_epoch = 0
                     self.scheduler.step()
-                if stopped or self._sync_stop(force=True):
+                steps_since += 1
+                if self._pbar is not None:
+                    self._pbar.update(1)
+                if self.step % max(1, self.opts.log_every) == 0 or self.step == 1:
+                    now = time.perf_counter()
+                    rate = steps_since * self.batch_size * self.env.world_size / max(now - t_last, 1e-9)
+                    row = {"step": self.step, "epoch": epoch, "lr": float(self.optimizer.param_groups[0]["lr"]),
+                           "loss": total.item(), **{k: v.item() for k, v in losses.items()},
+                           "grad_norm": grad_norm.item(),
+                           "samples_per_s": rate}
+                    if not math.isfinite(row["loss"]):
+                        self.log(f"warning: non-finite loss at step {self.step}")
+                    self._write_log(row)
+                    t_last, steps_since = now, 0
+                if self.step % max(1, self.opts.save_every) == 0:
+                    self.save()
+                if self._sync_stop(force=self.batch_in_epoch == 0):
                     stopped = True
                     break
             self.save()
@@ -682,6 +763,10 @@ def main(argv=None) -> int:
 
 def run_cli(opts: TrainOptions, prog: str = "ostnet-fast train") -> int:
     from ..data.dataset import DatasetError
+    if hasattr(signal, "SIGUSR1") and threading_main():
+        # `kill -USR1 PID` prints every thread's stack to stderr and training goes on: for a run that seems stuck.
+        with contextlib.suppress(ValueError, OSError):  # stderr without a file descriptor (captured)
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         run_training(opts)
     except (UsageError, DatasetError, ckpt.CheckpointError) as e:
