@@ -25,6 +25,7 @@ from common import out_dir, print_table, time_graph_ms, time_ms, write_json  # n
 dm, gs, kh, tg, tw, zc = (importlib.import_module(f"ostnet_fast.kernels.{m}")
                           for m in ("dense_motion", "grid_sample", "keypoint_head", "tps_grid", "tps_warp", "zconv"))
 from ostnet_fast.model.scale_transform import fiducial_layout  # noqa: E402
+from ostnet_fast.runtime.cuda_graph import root_cause  # noqa: E402
 
 DEV = "cuda"
 
@@ -171,13 +172,15 @@ def main(argv=None) -> int:
                     best = measure(case["torch_best"], case["inputs"], mode, iters)
                     row.update(torch_best_ms=best["median_ms"], speedup_vs_best=best["median_ms"] / ours["median_ms"])
                 if not args.no_graph:  # the same pair as GPU time, the host's launch cost taken out
+                    side = "ours"
                     try:
                         ours_g = measure(case["ours"], case["inputs"], mode, iters, graph=True)
+                        side = "baseline"
                         base_g = measure(case["baseline"], case["inputs"], mode, iters, graph=True)
                         row.update(ours_gpu_ms=ours_g["median_ms"], baseline_gpu_ms=base_g["median_ms"],
                                    speedup_gpu=base_g["median_ms"] / ours_g["median_ms"])
-                    except Exception as e:
-                        row["graph_error"] = f"{type(e).__name__}: {e}"[:200]
+                    except Exception as e:  # which side could not be captured, and the op that broke it
+                        row["graph_error"] = f"{side}: {root_cause(e)}"[:200]
                 with torch.no_grad():
                     out = case["ours"]()
                 moved = nbytes(*case["inputs"], *(out if isinstance(out, tuple) else (out,)))

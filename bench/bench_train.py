@@ -1,4 +1,4 @@
-"""Training-step benchmark: fused vs reference eager vs reference + torch.compile.
+"""Training-step benchmark: fused vs reference eager vs reference + torch.compile, with and without CUDA graphs.
 
 One step = forward (OSTNet + VGG-19 perceptual loss at every pyramid scale on I_out and I_Dh +
 equivariance + keypoint distance) + backward + Adam, under AMP (bf16 where the GPU has it, else fp16
@@ -7,6 +7,10 @@ with a GradScaler), batch 8 at 256x256 by default. VGG weights are random (same 
     python bench/bench_train.py [--quick] [--out DIR]          # GPU; JSON in DIR (default $OUT or bench/results)
     python bench/bench_train.py --device cpu --config tests/configs/tiny.yaml --size 64 --batch-size 2 --quick
 
+Modes: reference (eager), compile (torch.compile of the reference, default mode), fused (our kernels,
+eager), reference+graphs / fused+graphs (the whole step replayed from a CUDA graph), fused+graphs+cl (and
+channels-last model, VGG and images: what `ostnet-fast train` runs on a GPU by default).
+
 Timing: CUDA events around each step after warm-up, median of `--iters` steps (wall clock with a
 synchronize on CPU). Random inputs. A mode that fails (e.g. torch.compile) records its error string
 in the JSON instead of a number.
@@ -14,6 +18,7 @@ in the JSON instead of a number.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import traceback
 from pathlib import Path
@@ -25,22 +30,44 @@ from common import out_dir, peak_memory_mib, print_table, time_ms, write_json  #
 
 from ostnet_fast import OSTNet, load_config  # noqa: E402
 from ostnet_fast.train.losses import TrainingModel, load_vgg19  # noqa: E402
-from ostnet_fast.train.trainer import (autocast_context, build_optimizer, prepare_batch, resolve_amp,  # noqa: E402
-                                       train_step)
+from ostnet_fast.train.graphed import GraphedTrainStep  # noqa: E402
+from ostnet_fast.train.trainer import (autocast_context, build_optimizer, cuda_graphs_unavailable,  # noqa: E402
+                                       optimizer_update, prepare_batch, resolve_amp, train_step)
 
-MODES = ("reference", "fused", "compile")
+MODES = ("reference", "compile", "fused", "reference+graphs", "fused+graphs", "fused+graphs+cl")
+DEFAULT_MODES = MODES
 
 
 def build(mode: str, config, device, vgg, amp: str):
+    """mode = base[+graphs][+cl]: base reference | compile | fused; +graphs: the step replayed from a CUDA
+    graph (what `ostnet-fast train` does on a GPU); +cl: model, VGG and images in channels-last."""
+    base, *flags = mode.split("+")
     torch.manual_seed(0)
-    model = OSTNet(config.model, fused=mode == "fused").to(device).train()
+    model = OSTNet(config.model, fused=base == "fused").to(device).train()
     tm = TrainingModel(model, config.train, vgg).to(device)
-    module = torch.compile(tm) if mode == "compile" else tm
-    optimizer, _ = build_optimizer(model, config)
+    if "cl" in flags:
+        tm = tm.to(memory_format=torch.channels_last)
+    module = torch.compile(tm) if base == "compile" else tm
+    graphs = "graphs" in flags
+    optimizer, _ = build_optimizer(model, config, capturable=graphs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     params = list(model.parameters())
+    if graphs:
+        why = cuda_graphs_unavailable(device, amp, distributed=False, compile=base == "compile")
+        if why:
+            raise RuntimeError(why)
+        update = functools.partial(optimizer_update, module, optimizer, scaler,
+                                   amp_ctx=autocast_context(amp, device, cache_enabled=False),
+                                   grad_clip=config.train.grad_clip, params=params)
+        return GraphedTrainStep(update, optimizer, say=lambda msg: print(f"  [{mode}] {msg}", flush=True))
     ctx = autocast_context(amp, device)
     return lambda inputs: train_step(module, optimizer, scaler, inputs, ctx, config.train.grad_clip, params)
+
+
+def layout(inputs: tuple, mode: str) -> tuple:
+    if "cl" not in mode.split("+")[1:]:
+        return inputs
+    return tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in inputs)
 
 
 def main(argv=None) -> int:
@@ -51,7 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--size", type=int, default=None, help="image size (default: the config's)")
     ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
-    ap.add_argument("--modes", default=",".join(MODES), help=f"comma list of {MODES}")
+    ap.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma list of {MODES}")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--iters", type=int, default=None)
@@ -84,9 +111,14 @@ def main(argv=None) -> int:
         row = {"mode": mode, "batch": args.batch_size, "size": size, "amp": amp}
         try:
             step = build(mode, config, device, vgg, amp)
-            step(inputs)  # first call: compiles / autotunes; errors surface here
-            fn = lambda: step(inputs)  # noqa: E731
-            t = time_ms(fn, warmup=warmup, iters=iters, cuda=device.type == "cuda")
+            mode_inputs = layout(inputs, mode)
+            step(mode_inputs)  # first call: compiles / autotunes; errors surface here
+            fn = lambda: step(mode_inputs)  # noqa: E731
+            t = time_ms(fn, warmup=max(warmup, 4), iters=iters, cuda=device.type == "cuda")
+            if isinstance(step, GraphedTrainStep):
+                row["graph_replays"] = step.replays
+                if step.failed:
+                    row["graph_error"] = step.failed
             row.update(ms_per_step=t["median_ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"],
                        samples_per_s=args.batch_size / (t["median_ms"] / 1e3))
             if device.type == "cuda":
@@ -109,7 +141,7 @@ def main(argv=None) -> int:
         if comp and r.get("ms_per_step"):
             r["speedup_vs_compile"] = comp / r["ms_per_step"]
     print_table(rows, ["mode", "batch", "size", "amp", "ms_per_step", "samples_per_s", "peak_mib",
-                       "speedup_vs_reference", "speedup_vs_compile", "error"])
+                       "speedup_vs_reference", "speedup_vs_compile", "error", "graph_error"])
     write_json(out_dir(args.out), "bench_train", rows, device=str(device), config=config.name, warmup=warmup,
                iters=iters, vgg="random weights (same cost as ImageNet's)")
     return 0

@@ -101,6 +101,15 @@ def _summary(times: list[float]) -> dict:
     return {"median_ms": statistics.median(times), "p20_ms": q(0.2), "p80_ms": q(0.8), "iters": len(times)}
 
 
+# record_function ranges (ours and torch's) also appear as GPU-side events spanning their kernels.
+RANGE_PREFIXES = ("frame", "stage::", "Optimizer.", "ProfilerStep")
+
+
+def kernel_events(events) -> list:
+    """The GPU-side profiler events that are kernels and copies, not ranges that would count them twice."""
+    return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.key.startswith(RANGE_PREFIXES)]
+
+
 def peak_memory_mib(fn: Callable[[], object]) -> float:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from ostnet_fast import OSTNet
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import kernel_events  # noqa: E402
+
+from ostnet_fast import OSTNet  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -60,8 +64,8 @@ def main(argv=None) -> int:
     for h in hooks:
         h.remove()
     events = prof.key_averages()
-    kernels = sum(e.device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    launches = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = sum(e.device_time_total for e in kernel_events(events))
+    launches = sum(e.count for e in kernel_events(events))
     print(f"GPU kernel time per frame-batch: {kernels / 10 / 1000:.3f} ms over {launches / 10:.0f} kernels")
     for e in events:
         if e.key.startswith("stage::"):

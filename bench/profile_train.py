@@ -13,7 +13,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import build  # noqa: E402
+from bench_train import build, layout  # noqa: E402
+from common import kernel_events  # noqa: E402
 
 from ostnet_fast import load_config  # noqa: E402
 from ostnet_fast.train.losses import load_vgg19  # noqa: E402
@@ -23,7 +24,7 @@ from ostnet_fast.train.trainer import prepare_batch, resolve_amp  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="ostnet-vox-256")
-    ap.add_argument("--mode", default="fused", choices=["reference", "fused"])
+    ap.add_argument("--mode", default="fused", help="a bench_train.py mode: reference, fused, fused+graphs, ...")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     ap.add_argument("--top", type=int, default=30)
@@ -40,8 +41,8 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     batch = {"source": torch.rand(args.batch_size, 3, size, size, generator=g),
              "driving": torch.rand(args.batch_size, 3, size, size, generator=g)}
-    inputs = prepare_batch(batch, g, config, device)
-    for _ in range(3):
+    inputs = layout(prepare_batch(batch, g, config, device), args.mode)
+    for _ in range(5):
         step(inputs)
     torch.cuda.synchronize()
     steps = 3
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
             step(inputs)
         torch.cuda.synchronize()
     events = prof.key_averages()
-    kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    kernel_us = sum(e.self_device_time_total for e in kernel_events(events))
     print(f"{args.mode} ({amp}, batch {args.batch_size}): GPU kernel time {kernel_us / steps / 1000:.2f} ms/step, "
           f"CPU wall {prof.profiler.self_cpu_time_total / steps / 1000:.2f} ms/step (self CPU total)")
     print(events.table(sort_by="self_device_time_total", row_limit=args.top, max_name_column_width=70))

@@ -3,7 +3,7 @@
 # benchmarks, and writes JSON + printed tables under $OUT (default bench/results/).
 #
 #   bash bench/run_gpu.sh                 # everything
-#   bash bench/run_gpu.sh tests kernels   # a subset: tests kernels model train engines pipeline realrun
+#   bash bench/run_gpu.sh tests kernels   # a subset: tests kernels model train engines pipeline realrun profile
 #   GPU_TESTS="tests/test_model_gpu.py" STAGE_TIMEOUT=300 bash bench/run_gpu.sh tests
 #
 # Nothing here needs the network: the package installs with --no-index --no-build-isolation, and any
@@ -24,7 +24,7 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/n
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests kernels model train engines pipeline realrun)
+[ ${#stages[@]} -eq 0 ] && stages=(tests kernels model train engines pipeline realrun profile)
 T="timeout ${STAGE_TIMEOUT:-1800}"
 status=0
 for stage in "${stages[@]}"; do
@@ -37,9 +37,15 @@ for stage in "${stages[@]}"; do
     train)    $T python3 bench/bench_train.py --out "$OUT" ${TRAIN_ARGS:-} || status=1 ;;
     engines)  $T python3 bench/bench_engines.py --out "$OUT" ${ENGINE_ARGS:-} || status=1 ;;
     pipeline) $T python3 bench/bench_pipeline.py --out "$OUT" ${PIPELINE_ARGS:-} || status=1 ;;
+    profile)  for mode in reference fused; do
+                $T python3 bench/profile_train.py --mode $mode > "$OUT/profile_train_$mode.txt" 2>&1 || status=1
+                head -n 40 "$OUT/profile_train_$mode.txt"
+              done
+              $T python3 bench/profile_model.py --fused --fp16 --graph --channels-last > "$OUT/profile_model.txt" 2>&1 || status=1
+              head -n 40 "$OUT/profile_model.txt" ;;
     realrun)  $T python3 bench/real_run.py --out "$OUT/realrun" ${REALRUN_ARGS:-} || status=1
               cp "$OUT/realrun/real_run.json" "$OUT/" 2>/dev/null ;;
-    *) echo "run_gpu.sh: unknown stage '$stage' (tests kernels model train engines pipeline realrun)"; status=2 ;;
+    *) echo "run_gpu.sh: unknown stage '$stage' (tests kernels model train engines pipeline realrun profile)"; status=2 ;;
   esac
 done
 exit $status

@@ -3,7 +3,6 @@ libtorch with CMake, run it on raw tensor files and compare with Python. CPU her
 compiles the packages for CUDA."""
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
