@@ -163,6 +163,29 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert rows[0].startswith("step,epoch,lr,loss,perceptual") and len(rows) == 1 + 5
 
 
+def test_resume_with_larger_batches_starts_the_next_epoch_when_this_one_is_used_up(tmp_path):
+    data = tiny_dataset(tmp_path / "data")
+    cfg = tiny_config(num_repeats=4)  # 8 samples: 8 steps per epoch at batch 1, 2 at batch 4
+    first = run_training(options(config=cfg, data=str(data), out=str(tmp_path / "run"), batch_size=1, max_steps=6))
+    assert (first.epoch, first.batch_in_epoch) == (0, 6)
+    resumed = run_training(TrainOptions(resume=str(tmp_path / "run"), batch_size=4, max_steps=8, random_vgg=True,
+                                        num_workers=0, progress=False, device="cpu", log_every=1))
+    # Batch 6 of 4 samples is past epoch 0's end: epoch 1 runs whole (2 steps), the state names epoch 2's start.
+    assert (resumed.step, resumed.epoch, resumed.batch_in_epoch) == (8, 2, 0)
+    assert resumed.scheduler.last_epoch == 2
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    assert [(r["step"], r["epoch"]) for r in rows[-2:]] == [("7", "1"), ("8", "1")]
+
+
+def test_the_log_shows_the_learning_rate_the_step_ran_with(tmp_path):
+    data = tiny_dataset(tmp_path / "data")
+    cfg = tiny_config()  # 2 steps per epoch, lr x0.1 after epoch 0
+    run_training(options(config=cfg, data=str(data), out=str(tmp_path / "run"), max_steps=3))
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] == lrs[1] == pytest.approx(10 * lrs[2])  # step 2 ends epoch 0 at the old rate
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -30,11 +30,11 @@ def flat(model) -> torch.Tensor:
     return torch.cat([p.detach().float().flatten() for p in model.parameters()])
 
 
-def batches(cfg, n, b=2, size=64):
+def batches(cfg, n, b=2, size=64, memory_format=torch.contiguous_format):
     g = torch.Generator().manual_seed(0)
     for _ in range(n):
         x = {"source": torch.rand(b, 3, size, size, generator=g), "driving": torch.rand(b, 3, size, size, generator=g)}
-        yield prepare_batch(x, g, cfg, torch.device("cuda"))
+        yield prepare_batch(x, g, cfg, torch.device("cuda"), memory_format)
 
 
 def optimized(model, opt) -> list[torch.Tensor]:
@@ -59,15 +59,19 @@ def restore(model, opt, saved: list[torch.Tensor]) -> None:
             t.copy_(b)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
-@pytest.mark.parametrize("amp", ["off", "bf16"])
-def test_a_replayed_step_equals_the_eager_step(fused, amp):
+@pytest.mark.parametrize("fused, amp, channels_last", [
+    (False, "off", False), (True, "off", False), (False, "bf16", False), (True, "bf16", False),
+    (True, "bf16", True),  # what `ostnet-fast train` runs on a GPU
+], ids=["reference-fp32", "fused-fp32", "reference-bf16", "fused-bf16", "fused-bf16-channels-last"])
+def test_a_replayed_step_equals_the_eager_step(fused, amp, channels_last):
     # From the same state and batch, a graph replay gives the eager step's loss, gradient norm and
     # gradients, and its optimizer update is Adam's on those gradients. The update is checked on the
     # graph's own gradients, not against a second eager step: biases feeding a training-mode BatchNorm
     # have a true gradient of zero, so theirs is rounding noise (~1e-9 against ~1e-2), which Adam scales
     # into full +-lr steps; atomics (grid_sample's backward) make that noise differ between any two GPU runs.
     cfg, model, tm, opt, scaler, params = setup(fused, capturable=True, amp=amp)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    tm.to(memory_format=memory_format)
     cuda = torch.device("cuda")
     update = functools.partial(optimizer_update, tm, opt, scaler,
                                amp_ctx=autocast_context(amp, cuda, cache_enabled=False),
@@ -76,7 +80,7 @@ def test_a_replayed_step_equals_the_eager_step(fused, amp):
     step = GraphedTrainStep(update, opt, warmup=3, say=said.append)
     tol = 1e-4 if amp == "off" else 3e-2
     losses = []
-    for i, inputs in enumerate(batches(cfg, 7)):
+    for i, inputs in enumerate(batches(cfg, 7, memory_format=memory_format)):
         if i == 5:
             opt.param_groups[0]["lr"] *= 0.1  # the scheduler's milestone: a new capture
         if i < 3:
@@ -133,4 +137,8 @@ def test_trainer_replays_the_graph_and_writes_checkpoints(tmp_path, capsys):
     out = capsys.readouterr().out
     assert trainer.cuda_graphs and trainer._graphed.replays > 0 and trainer._graphed.failed is None, out
     assert "captured in a CUDA graph" in out
-    assert trainer.step == 10
+    assert trainer.step == 10 and trainer.channels_last
+    # A replay moves the weights (an empty capture would replay nothing and log the same loss forever).
+    before, replays = flat(trainer.model), trainer._graphed.replays
+    trainer.step_fn(tuple(t.clone() for t in trainer._graphed._inputs))
+    assert trainer._graphed.replays == replays + 1 and not torch.equal(before, flat(trainer.model))

@@ -33,7 +33,10 @@ Step = Callable[[tuple], tuple]  # inputs -> (total, {name: loss}, grad_norm)
 
 class GraphedTrainStep:
     """`step(inputs)`: `update(inputs)` (forward + backward + optimizer step, gradients left in .grad) replayed
-    from a CUDA graph. `update` must not synchronise with the host; `optimizer` must be capturable."""
+    from a CUDA graph. `update` must not synchronise with the host; `optimizer` must be capturable.
+    Replays write the gradients into the graph's own buffers: after an eager step (a batch of another shape)
+    `.grad` holds that step's gradients until the next capture, not the replays'. Read results from what
+    the step returns."""
 
     def __init__(self, update: Step, optimizer: torch.optim.Optimizer, warmup: int = 3,
                  say: Callable[[str], None] | None = None):

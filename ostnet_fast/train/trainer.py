@@ -35,6 +35,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -459,9 +460,10 @@ class Trainer:
 
     def setup(self) -> None:
         opts, env = self.opts, self.env
+        if self.device.type == "cuda" and self.device.index is not None:
+            # Streams, graph capture and synchronize act on the current device: make it ours (--device cuda:1).
+            torch.cuda.set_device(self.device)
         if env.enabled and not dist.is_initialized():
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
         # Data first: a broken dataset fails before the model is built.
         if self._dataset is None:
@@ -523,6 +525,12 @@ class Trainer:
                 self.log(f"note: resuming with world size {env.world_size} / batch {self.batch_size} "
                          f"(run started with {stored.get('world_size')} / {stored.get('batch_size')}): "
                          "the data order differs from an uninterrupted run")
+            if self.batch_in_epoch >= self.steps_per_epoch:  # larger batches now: that epoch is used up
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                with warnings.catch_warnings():  # torch warns "scheduler before optimizer": it stepped, in the saved run
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                    self.scheduler.step()
             self.log(f"resumed {self.run_dir} at step {self.step} (epoch {self.epoch})")
         module = self.training_model
         if opts.compile:
@@ -687,7 +695,7 @@ class Trainer:
                     first = False
                 else:
                     total, losses, grad_norm = self.step_fn(inputs)
-                epoch = self.epoch
+                epoch, lr = self.epoch, float(self.optimizer.param_groups[0]["lr"])  # what this step ran with
                 self.step += 1
                 self.batch_in_epoch += 1
                 if self.batch_in_epoch >= self.steps_per_epoch:  # the state always names the next batch
@@ -700,7 +708,7 @@ class Trainer:
                 if self.step % max(1, self.opts.log_every) == 0 or self.step == 1:
                     now = time.perf_counter()
                     rate = steps_since * self.batch_size * self.env.world_size / max(now - t_last, 1e-9)
-                    row = {"step": self.step, "epoch": epoch, "lr": float(self.optimizer.param_groups[0]["lr"]),
+                    row = {"step": self.step, "epoch": epoch, "lr": lr,
                            "loss": total.item(), **{k: v.item() for k, v in losses.items()},
                            "grad_norm": grad_norm.item(),
                            "samples_per_s": rate}
