@@ -373,6 +373,13 @@ def test_cuda_graphs_asked_for_on_cpu_is_a_usage_error(tmp_path):
         Trainer(options(config=tiny_config(), data=str(data), out=str(tmp_path / "run"), cuda_graphs=True)).setup()
 
 
+def test_the_log_says_how_the_step_runs(tmp_path):
+    data = tiny_dataset(tmp_path / "data")
+    trainer = Trainer(options(config=tiny_config(), data=str(data), out=str(tmp_path / "run")))
+    trainer.setup()
+    assert trainer.step_mode == "reference ops, AMP off, NCHW, eager (CUDA graphs need a CUDA device)"
+
+
 def test_graphed_step_refuses_an_optimizer_that_cannot_be_captured():
     from ostnet_fast.train.graphed import GraphedTrainStep
     model = torch.nn.Linear(2, 2)

@@ -509,6 +509,10 @@ class Trainer:
         if opts.cuda_graphs and why_not:
             raise UsageError(f"--cuda-graphs: {why_not}")
         self.cuda_graphs = opts.cuda_graphs is not False and why_not is None
+        self.step_mode = ", ".join([
+            "fused kernels" if self.fused else "reference ops", f"AMP {self.amp}",
+            "channels-last" if self.channels_last else "NCHW",
+            "replayed from a CUDA graph" if self.cuda_graphs else f"eager ({why_not or '--no-cuda-graphs'})"])
         self.optimizer, self.scheduler = build_optimizer(self.model, self.config, capturable=self.cuda_graphs)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -655,6 +659,7 @@ class Trainer:
     def run(self) -> int:
         self.setup()
         self._open_logs()
+        self.log(f"training step: {self.step_mode}")
         max_steps = self.opts.max_steps
         total_steps = self.steps_per_epoch * self.config.train.num_epochs
         if max_steps is not None:
