@@ -3,7 +3,7 @@
 # benchmarks, and writes JSON + printed tables under $OUT (default bench/results/).
 #
 #   bash bench/run_gpu.sh                 # everything
-#   bash bench/run_gpu.sh tests kernels   # a subset: tests kernels model train engines pipeline realrun profile
+#   bash bench/run_gpu.sh tests kernels   # a subset: tests kernels model train engines pipeline realrun profile ddp
 #   GPU_TESTS="tests/test_model_gpu.py" STAGE_TIMEOUT=300 bash bench/run_gpu.sh tests
 #
 # Nothing here needs the network: the package installs with --no-index --no-build-isolation, and any
@@ -24,7 +24,7 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/n
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests kernels model train engines pipeline realrun profile)
+[ ${#stages[@]} -eq 0 ] && stages=(tests kernels model train engines pipeline realrun profile ddp)
 T="timeout ${STAGE_TIMEOUT:-1800}"
 status=0
 for stage in "${stages[@]}"; do
@@ -43,9 +43,16 @@ for stage in "${stages[@]}"; do
               done
               $T python3 bench/profile_model.py --fused --fp16 --graph --channels-last > "$OUT/profile_model.txt" 2>&1 || status=1
               head -n 40 "$OUT/profile_model.txt" ;;
+    ddp)      ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
+              if [ "$ngpu" -ge 2 ]; then
+                $T python3 bench/ddp_scaling.py --out "$OUT/ddp" --nproc "$ngpu" ${DDP_ARGS:-} || status=1
+                cp "$OUT/ddp/ddp_scaling.json" "$OUT/" 2>/dev/null
+              else
+                echo "run_gpu.sh: ddp needs 2 or more GPUs, this machine has $ngpu: skipped"
+              fi ;;
     realrun)  $T python3 bench/real_run.py --out "$OUT/realrun" ${REALRUN_ARGS:-} || status=1
               cp "$OUT/realrun/real_run.json" "$OUT/" 2>/dev/null ;;
-    *) echo "run_gpu.sh: unknown stage '$stage' (tests kernels model train engines pipeline realrun profile)"; status=2 ;;
+    *) echo "run_gpu.sh: unknown stage '$stage' (tests kernels model train engines pipeline realrun profile ddp)"; status=2 ;;
   esac
 done
 exit $status

@@ -206,9 +206,13 @@ def _ddp_worker(rank, world, port, data, out, result_dir):
     batch = {k: torch.stack([it[k] for it in items]) for k in ("source", "driving")}
     total, _ = trainer.step_model(*prepare_batch(batch, step_generator(0, rank, 99), trainer.config, trainer.device))
     total.backward()
-    torch.save({"state": weights, "loss": total.detach(), "seen": seen,
-                "grads": {n: p.grad.clone() for n, p in trainer.model.named_parameters()}},
-               Path(result_dir) / f"rank{rank}.pt")
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+    agree = trainer._check_ranks_agree()
+    with torch.no_grad():  # one rank's weights moved: the check must see it, on every rank
+        next(trainer.model.parameters()).add_(rank * 1e-3)
+    agree_after_nudge = trainer._check_ranks_agree()
+    torch.save({"state": weights, "loss": total.detach(), "seen": seen, "grads": grads,
+                "agree": agree, "agree_after_nudge": agree_after_nudge}, Path(result_dir) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -224,6 +228,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     # Parameters agree exactly. BatchNorm running statistics are per rank (plain BN, as FOMM's per-GPU
     # batches; DDP broadcasts rank 0's buffers at each forward, and rank 0 writes the checkpoints).
     assert_same_tensors(r0["state"], r1["state"], "parameters")
+    assert r0["agree"] and r1["agree"] and not r0["agree_after_nudge"] and not r1["agree_after_nudge"]
     init = OSTNet(load_config(TINY).model)
     assert any(not torch.equal(v, r0["state"][k]) for k, v in params_of(init).items() if k in r0["state"])
     assert json.loads((tmp_path / "run" / "latest.json").read_text())["step"] == 3  # rank 0 wrote

@@ -727,6 +727,8 @@ class Trainer:
                     stopped = True
                     break
             self.save()
+            if self.env.enabled:
+                self._check_ranks_agree()
             if stopped:
                 self.log(f"SIGTERM: saved a checkpoint at step {self.step}; continue with --resume {self.run_dir}")
             else:
@@ -742,6 +744,18 @@ class Trainer:
                 self._tb.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+
+    def _check_ranks_agree(self) -> bool:
+        """DDP keeps one model on every rank: compare per-parameter float64 sums across ranks, exactly."""
+        sums = torch.stack([p.detach().double().sum() for p in self.model.parameters()])
+        gathered = [torch.empty_like(sums) for _ in range(self.env.world_size)]
+        dist.all_gather(gathered, sums)
+        worst = max((g - gathered[0]).abs().max().item() for g in gathered)
+        if worst == 0:
+            self.log(f"DDP: the weights are identical on all {self.env.world_size} ranks")
+        else:
+            self.log(f"warning: DDP ranks hold different weights (largest per-parameter sum difference {worst:.3g})")
+        return worst == 0
 
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_requested = True
