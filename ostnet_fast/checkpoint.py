@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ._files import give_default_mode
 from ._version import __version__
 from .config import Config, config_from_dict, load_config
 
@@ -33,11 +34,26 @@ def atomic_write(path: str | Path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        give_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def load_pickled_tensors(path: str | Path, what: str):
+    """torch.load(weights_only=True): tensors and plain containers, never arbitrary objects. Any failure is
+    one CheckpointError line naming `what` (not torch's advice to unpickle the file fully)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # not a pickle at all, or objects weights_only refuses
+        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if "WeightsUnpickler" in str(e) else ""
+        raise CheckpointError(f"{path} is not a loadable {what}: not a file of tensors and plain containers "
+                              f"({detail or 'unreadable pickle'}; files are never fully unpickled)") from None
+    except Exception as e:  # truncated or corrupt archives: torch's first line says which
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path} is not a loadable {what} ({type(e).__name__}: {first})") from None
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
@@ -117,16 +133,7 @@ def load_fomm_checkpoint(path: str | Path, config: Config | str = "fomm-vox-256"
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"FOMM checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # not a pickle at all, or objects weights_only refuses
-        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if "WeightsUnpickler" in str(e) else ""
-        raise CheckpointError(f"{path} is not a loadable FOMM checkpoint: not a file of tensors and plain "
-                              f"containers ({detail or 'unreadable pickle'}; checkpoints are never fully "
-                              "unpickled)") from None
-    except Exception as e:  # truncated or corrupt archives: torch's first line says which
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"{path} is not a loadable FOMM checkpoint ({type(e).__name__}: {first})") from None
+    ckpt = load_pickled_tensors(path, "FOMM checkpoint")
     if not isinstance(ckpt, dict) or not {"generator", "kp_detector"} <= set(ckpt):
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: expected a dict with 'generator' and 'kp_detector', got {keys}")

@@ -108,9 +108,12 @@ def _make_cropper(args):
 
 def _make_reenactor(args):
     from .pipeline.reenactor import Reenactor
-    return Reenactor(checkpoint=args.checkpoint, config=args.config, backend=args.backend, device=args.device,
-                     fp16=args.fp16, relative=args.relative, adapt_movement_scale=not args.no_adapt_scale,
-                     size=args.size, cuda_graphs=not args.no_cuda_graphs, engine=args.engine)
+    try:
+        return Reenactor(checkpoint=args.checkpoint, config=args.config, backend=args.backend, device=args.device,
+                         fp16=args.fp16, relative=args.relative, adapt_movement_scale=not args.no_adapt_scale,
+                         size=args.size, cuda_graphs=not args.no_cuda_graphs, engine=args.engine)
+    except ValueError as e:  # arguments the model refuses (e.g. a --size it cannot run at)
+        raise UsageError(str(e).replace("size is ", "--size ", 1)) from None
 
 
 def _source(args) -> np.ndarray:

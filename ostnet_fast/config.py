@@ -6,7 +6,9 @@ Architecture lives in YAML (`configs/*.yaml`, shipped inside the package as `ost
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -127,11 +129,45 @@ _DATACLASSES = {c.__name__: c for c in (KPDetectorConfig, DenseMotionConfig, Gen
                                          TransformParams, TrainConfig)}
 
 
+def size_multiple(model: ModelConfig) -> int:
+    """Image sides must be multiples of this: the generator halves the image num_down_blocks times, and the
+    keypoint detector and dense motion run hourglasses of num_blocks halvings on the image scaled by
+    scale_factor (256 with the shipped configs' 0.25 and 5 blocks: multiples of 128)."""
+    need = 2 ** model.generator.num_down_blocks
+    for part in (model.kp_detector, model.dense_motion):
+        step = Fraction(2 ** part.num_blocks) / Fraction(part.scale_factor).limit_denominator(64)
+        need = math.lcm(need, step.numerator)
+    return need
+
+
+def validate_model(model: ModelConfig, where: str = "config.model") -> None:
+    """Refuse an architecture that cannot be built or run, with the offending key (ValueError)."""
+    positive = {"num_kp": model.num_kp, "num_channels": model.num_channels, "image_size": model.image_size,
+                "generator.num_down_blocks": model.generator.num_down_blocks,
+                "scale_transform.num_fiducials": model.scale_transform.num_fiducials}
+    for part in ("kp_detector", "dense_motion"):
+        sub = getattr(model, part)
+        positive.update({f"{part}.block_expansion": sub.block_expansion, f"{part}.max_features": sub.max_features,
+                         f"{part}.num_blocks": sub.num_blocks})
+    for key, value in positive.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{where}.{key} must be a positive integer, got {value!r}")
+    for part in ("kp_detector", "dense_motion"):
+        scale = getattr(model, part).scale_factor
+        if not isinstance(scale, (int, float)) or not 0 < scale <= 1:
+            raise ValueError(f"{where}.{part}.scale_factor must be in (0, 1], got {scale!r}")
+    m = size_multiple(model)
+    if model.image_size % m:
+        raise ValueError(f"{where}.image_size {model.image_size} is not a multiple of {m}, which this "
+                         f"architecture needs (e.g. {m * max(1, round(model.image_size / m))})")
+
+
 def config_from_dict(data: dict[str, Any], name: str = "custom") -> Config:
     data = dict(data)
     data.pop("name", None)
     cfg = _build(Config, data, "config")
     cfg.name = name
+    validate_model(cfg.model)
     return cfg
 
 

@@ -147,6 +147,23 @@ def test_neither_tensorrt_installed_one_clear_line(tmp_path, monkeypatch, capsys
     assert "pip install tensorrt" in err[0] and "tensorrt-rtx-cu13-bindings" in err[0]
 
 
+def test_bad_workspace_refused(tmp_path, capsys):
+    rc = build_trt.main(["--onnx", str(tmp_path), "--out", str(tmp_path / "e"), "--workspace", "-1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--workspace must be a positive number" in err[0]
+
+
+@needs_trt
+def test_compute_capability_major_x_means_every_minor():
+    if FLAVOUR != "tensorrt-rtx":
+        pytest.skip("a TensorRT-RTX option")
+    builder = build_trt.EngineBuilder(TRT, FLAVOUR)
+    known = [m for m in TRT.ComputeCapability.__members__ if m.startswith("SM12")]
+    assert builder._set_compute_capabilities(["8.6", "12.x"]) == ["8.6"] + [f"{m[2:-1]}.{m[-1]}" for m in known]
+    with pytest.raises(ValueError, match="not a TensorRT-RTX target"):
+        builder._set_compute_capabilities(["9.x"])  # Hopper: not an RTX target
+
+
 @pytest.mark.parametrize("text", ["1:8:4", "0:1:2", "1:2", "a:b:c"])
 def test_bad_batch_refused(text):
     with pytest.raises(ValueError, match="--batch"):

@@ -132,3 +132,14 @@ def test_fomm_config_loads_fomm_shaped_state(tmp_path):
     model, cfg = load_fomm_checkpoint(path)
     assert cfg.name == "fomm-vox-256"
     assert torch.equal(model.generator.final.weight, fomm.generator.final.weight)
+
+
+def test_written_files_get_the_mode_open_would_give(tmp_path):
+    import os
+    from ostnet_fast.checkpoint import atomic_write
+    mask = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "x.json", lambda tmp: open(tmp, "w").write("{}"))
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600

@@ -89,6 +89,8 @@ BAD = {
     "out is a folder": (lambda d: ["--out", _mkdir(d / "o.mp4")], "is a directory"),
     "fp16 on cpu": (lambda d: ["--fp16"], "--fp16 needs --device cuda"),
     "bad batch": (lambda d: ["--batch", "0"], "--batch must be >= 1"),
+    "size the model cannot run at": (lambda d: ["--size", "50"], "--size 50x50: this model runs at sides that are "
+                                     "multiples of 32 (e.g. 64)"),
     "checkpoint missing": (lambda d: ["--checkpoint", d / "w.safetensors"], "checkpoint not found"),
     "checkpoint corrupt": (lambda d: ["--checkpoint", _noise(d / "w.safetensors")], "not a readable safetensors"),
     "config unknown": (lambda d: ["--config", "vox-9000"], "unknown config"),

@@ -151,6 +151,27 @@ def test_missing_checkpoint_exits_2_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("what, out, size, message", [
+    ("--out is a file", "file.txt", None, "file.txt"),
+    ("--out under a file", "file.txt/sub", None, "file.txt"),
+    ("a size the model cannot run at", "o", 50, "multiples of 32"),
+])
+def test_bad_out_or_size_exits_2_with_one_line(tmp_path, capsys, what, out, size, message):
+    (tmp_path / "file.txt").write_text("x")
+    rc = onnx_export.main(["--config", TINY, "--out", str(tmp_path / out)] + (["--size", str(size)] if size else []))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], (what, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_aoti_refuses_a_batch_below_one(tmp_path, capsys):
+    from ostnet_fast.export import aoti
+    rc = aoti.main(["--config", TINY, "--out", str(tmp_path / "a"), "--device", "cpu", "--max-batch", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--max-batch must be >= 1" in err[0]
+    assert not (tmp_path / "a").exists()
+
+
 @pytest.mark.parametrize("opset,why", [(20, "4646"), (21, "4646"), (15, "GridSample needs opset 16")])
 def test_bad_opset_refused(tmp_path, capsys, opset, why):
     rc = onnx_export.main(["--config", TINY, "--out", str(tmp_path), "--opset", str(opset)])

@@ -87,6 +87,14 @@ def test_lpips_missing_trunk_names_the_file(tmp_path, monkeypatch):
         load_lpips(tmp_path / "alex.pth")
 
 
+def test_lpips_file_that_is_not_tensors_is_one_line(tmp_path):
+    junk = tmp_path / "alex.pth"
+    junk.write_bytes(b"\x80\x04junk" * 50)
+    with pytest.raises(ValueError) as e:
+        load_lpips(junk, junk)
+    assert "is not a loadable LPIPS state dict" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_face_metrics_need_their_packages():
     # find_spec, not import: face_recognition_models' __init__ imports pkg_resources, gone from new setuptools.
     if importlib.util.find_spec("dlib") and importlib.util.find_spec("face_recognition_models"):
@@ -141,3 +149,21 @@ def test_eval_cli(tmp_path, capsys):
     assert _eval_cli(["--checkpoint", str(tmp_path / "junk.safetensors"), "--data", str(data), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("ostnet-fast eval: error:") for line in err)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--stride", "0"], "--stride must be >= 1"),
+    (["--max-frames", "0"], "--max-frames must be >= 1"),
+    (["--device", "tpu9"], "--device tpu9"),
+    (["--out", "{tmp}"], "is a directory"),
+    (["--out", "{tmp}/file.txt/eval.json"], "is not a directory"),
+])
+def test_eval_cli_refuses_bad_flags_before_any_work(tmp_path, capsys, flags, message):
+    ckpt = tmp_path / "w.safetensors"
+    save_checkpoint(ckpt, OSTNet(load_config("tests/configs/tiny.yaml").model), load_config("tests/configs/tiny.yaml"))
+    (tmp_path / "file.txt").write_text("x")
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    assert _eval_cli(["--checkpoint", str(ckpt), "--data", str(tmp_path / "no-data-needed"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

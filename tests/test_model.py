@@ -1,8 +1,12 @@
 """OSTNet reference model: shapes, ranges, gradients, caching, and the identity start of its OSTNet parts."""
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
 from ostnet_fast import OSTNet, load_config
+from ostnet_fast.config import size_multiple
 from ostnet_fast.model.scale_transform import fiducial_layout
 
 TINY = "tests/configs/tiny.yaml"
@@ -140,6 +144,21 @@ def test_config_errors_name_the_problem(tmp_path):
         load_config(bad)
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.yaml")
+    tiny = Path("tests/configs/tiny.yaml").read_text()
+    for change, message in ((("image_size: 64", "image_size: 100"), "image_size 100 is not a multiple of 32"),
+                            (("num_kp: 5", "num_kp: -3"), "num_kp must be a positive integer"),
+                            (("scale_factor: 0.25", "scale_factor: 2"), "scale_factor must be in (0, 1]")):
+        bad.write_text(tiny.replace(*change, 1))
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_config(bad)
+
+
+def test_the_size_multiple_follows_the_architecture():
+    assert size_multiple(load_config("ostnet-vox-256").model) == 128  # 5 halvings at a quarter of the image
+    assert size_multiple(load_config("tests/configs/tiny.yaml").model) == 32  # 3 halvings at a quarter
+    model = make_model()
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model.encode_source(torch.rand(1, 3, 64, 50))
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")

@@ -543,3 +543,9 @@ def test_engine_weights_warning_follows_the_exported_graphs(tmp_path, capsys):
         err = capsys.readouterr().err
         assert r.random_weights == (checkpoint is None)
         assert ("RANDOM" in err) == (checkpoint is None), err
+    # A checkpoint given with the graphs must be the one they were exported from: it is not used otherwise.
+    Reenactor(checkpoint=ckpt, backend="onnxruntime", engine=tmp_path / "real")
+    other = save_checkpoint(tmp_path / "other.safetensors", tiny_model(seed=1), cfg)
+    for checkpoint, graphs in ((other, "real"), (ckpt, "random")):
+        with pytest.raises(BackendUnavailable, match="were not exported from"):
+            Reenactor(checkpoint=checkpoint, backend="onnxruntime", engine=tmp_path / graphs)

@@ -29,6 +29,8 @@ log = logging.getLogger("ostnet_fast.export")
 
 
 def export_aoti(model, config, out_dir: str | Path, device: str = "cuda", max_batch: int = 16) -> dict[str, Path]:
+    if max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     size = config.model.image_size
@@ -39,12 +41,14 @@ def export_aoti(model, config, out_dir: str | Path, device: str = "cuda", max_ba
         # AOTInductor bakes the example inputs' strides into the package: trace with contiguous source
         # tensors (what source.pt2 returns and what C++ callers pass), not eager's strided views.
         state = tuple(t.contiguous() for t in source_graph(source))
-    driving = torch.rand(2, 3, size, size, device=device)
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    # A dynamic batch needs a range (min < max): --max-batch 1 compiles a static batch of one.
+    driving = torch.rand(min(2, max_batch), 3, size, size, device=device)
+    frame_dynamic = None if max_batch == 1 else {
+        "inputs": (*[None] * len(state), {0: torch.export.Dim("batch", min=1, max=max_batch)})}
     written = {}
     for name, module, args, dynamic in (
             ("source", source_graph, (source,), None),
-            ("frame", frame_graph, (*state, driving), {"inputs": (*[None] * len(state), {0: batch})})):
+            ("frame", frame_graph, (*state, driving), frame_dynamic)):
         t0 = time.perf_counter()
         # cuDNN off while tracing: on CUDA, F.grid_sample would record aten.cudnn_grid_sampler, which
         # torch.export cannot trace (no fake kernel); the portable grid_sampler_2d is recorded instead.
@@ -78,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model, cfg, _ = load_model(args.checkpoint, args.config)
         export_aoti(model, cfg, args.out, device=args.device, max_batch=args.max_batch)
-    except (CheckpointError, FileNotFoundError, ValueError, ExportError) as e:
+    except (CheckpointError, OSError, ValueError, ExportError) as e:  # OSError: --out a file, unwritable
         print(f"export_aoti: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -182,11 +182,16 @@ class EngineBuilder:
             raise ValueError("--compute-capability is a TensorRT-RTX option (standard TensorRT builds for "
                              "the GPU it runs on)")
         enum = self.trt.ComputeCapability
+        sm = [m for m in enum.__members__ if m.startswith("SM")]
+        expanded = []
+        for cc in ccs:  # "12.x": every minor version of that major (the default targets' notation)
+            matches = [f"{m[2:-1]}.{m[-1]}" for m in sm if cc.endswith(".x") and m[2:-1] == cc[:-2]]
+            expanded += matches or [cc]
         members = []
-        for cc in ccs:
+        for cc in expanded:
             name = "SM" + cc.replace(".", "")
             if not hasattr(enum, name):
-                known = [m[2:-1] + "." + m[-1] for m in enum.__members__ if m.startswith("SM")]
+                known = [m[2:-1] + "." + m[-1] for m in sm] + ["N.x"]
                 raise ValueError(f"compute capability {cc!r} is not a TensorRT-RTX target; known: {known}")
             members.append((cc if "." in cc else f"{cc[:-1]}.{cc[-1]}", getattr(enum, name)))
         self.config.num_compute_capabilities = len(members)
@@ -395,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     try:
         batch = parse_batch(args.batch)
+        if args.workspace is not None and not args.workspace > 0:
+            raise ValueError(f"--workspace must be a positive number of GB, got {args.workspace}")
         ccs = [c.strip() for c in args.compute_capability.split(",")] if args.compute_capability else None
         trt, flavour = import_tensorrt()  # before exporting: fail fast when neither is installed
         log.info("TensorRT flavour: %s %s", flavour, trt.__version__)
@@ -410,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         engines = build_engines(onnx_dir, args.out, fp16=args.fp16, batch=batch, workspace_gb=args.workspace,
                                 timing_cache=args.timing_cache, compute_capabilities=ccs, trt=trt,
                                 flavour=flavour, verbose=args.verbose)
-    except (TensorRTNotInstalled, CheckpointError, FileNotFoundError, ValueError, ExportError) as e:
+    except (TensorRTNotInstalled, CheckpointError, OSError, ValueError, ExportError) as e:
         print(f"build_trt: error: {e}", file=sys.stderr)
         return 2
     for graph, path in engines.items():

@@ -364,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"export_onnx: error: ONNX Runtime differs from PyTorch by {report['max_abs']:.2e} "
                       f"> {VERIFY_ATOL:.0e}: {report}", file=sys.stderr)
                 return 1
-    except (CheckpointError, FileNotFoundError, ValueError, ExportError) as e:
+    except (CheckpointError, OSError, ValueError, ExportError) as e:  # OSError: --out a file, unwritable
         print(f"export_onnx: error: {e}", file=sys.stderr)
         return 2
     for name, path in written.items():

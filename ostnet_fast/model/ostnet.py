@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..config import Config, ModelConfig, load_config
+from ..config import Config, ModelConfig, load_config, size_multiple
 from .generator import OcclusionAwareGenerator
 from .keypoint_detector import KPDetector
 from .scale_transform import ScaleTransformation
@@ -78,6 +78,10 @@ class OSTNet(nn.Module):
             raise ValueError(f"{name} must be (B, {c}, H, W) in [0, 1], got {tuple(image.shape)}")
         if image.shape[-1] < 16 or image.shape[-2] < 16:
             raise ValueError(f"{name} is too small: {tuple(image.shape)}, need at least 16x16")
+        m = size_multiple(self.config)
+        if image.shape[-1] % m or image.shape[-2] % m:
+            raise ValueError(f"{name} is {image.shape[-2]}x{image.shape[-1]}: this model runs at sides that are "
+                             f"multiples of {m} (e.g. {m * max(1, round(self.config.image_size / m))})")
 
     def encode_source(self, source: torch.Tensor) -> SourceState:
         self.check_image(source, "source")

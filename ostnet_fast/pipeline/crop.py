@@ -266,7 +266,10 @@ def paste_back_batch(frames: torch.Tensor, faces: torch.Tensor, boxes: torch.Ten
 def _to_tensor(image: np.ndarray) -> torch.Tensor:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {image.dtype} {image.shape}")
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
+    image = np.ascontiguousarray(image)
+    # A read-only array (load_image's are) is copied: torch.from_numpy would warn that it cannot be written.
+    x = torch.from_numpy(image) if image.flags.writeable else torch.tensor(image)
+    return x.permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:

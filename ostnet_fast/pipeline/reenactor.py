@@ -340,6 +340,10 @@ class Reenactor:
         else:
             self.model, self.config, has_weights = build_model(checkpoint, config, self.device, seed)
         self.random_weights = not has_weights
+        self.size = int(size or self.model.config.image_size)
+        if self.size < 16:
+            raise ValueError(f"size must be >= 16, got {self.size}")
+        self.model.check_image(torch.zeros(1, self.model.config.num_channels, self.size, self.size), "size")
         if engine is not None and backend in ("onnxruntime", "tensorrt"):
             # The graphs carry their own weights: judge those (after the backend loads its sidecars), not
             # the PyTorch model built here only for its config.
@@ -348,9 +352,6 @@ class Reenactor:
             # The stderr line is the loud one; the record is for applications' logging (the CLI drops it).
             log.warning(RANDOM_WEIGHTS_WARNING, extra={"shown_on_stderr": True})
             print(f"WARNING: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr, flush=True)
-        self.size = int(size or self.model.config.image_size)
-        if self.size < 16:
-            raise ValueError(f"size must be >= 16, got {self.size}")
         self.backend_name = backend
         self.fp16 = fp16
         self.relative = RelativeMotion(adapt_movement_scale) if relative else None
@@ -366,6 +367,12 @@ class Reenactor:
             self.backend = _external_backend(backend, self.model, self.device, fp16, engine, backend_kwargs)
         if self.random_weights is None:
             sidecars = getattr(self.backend, "sidecars", None) or {}
+            if checkpoint is not None:  # the graphs carry their own weights: they must be this checkpoint's
+                from ..export.common import sha256_file
+                if (sidecars.get("frame") or {}).get("checkpoint_sha256") != sha256_file(checkpoint):
+                    raise BackendUnavailable(
+                        f"the {backend} model files in {engine} were not exported from {checkpoint} (they carry "
+                        "their own weights): re-export from it, or leave out the checkpoint")
             weights = (sidecars.get("frame") or {}).get("weights")
             self.random_weights = weights == "random"
             if self.random_weights:

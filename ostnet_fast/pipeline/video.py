@@ -25,6 +25,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .._files import give_default_mode
+
 try:
     import av
 except ModuleNotFoundError:  # pragma: no cover - PyAV is a core dependency of the pipeline
@@ -236,12 +238,6 @@ def check_output_path(path: str | Path, create: bool = False) -> Path:
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 class _AudioCopy:
     """Audio of `source` into `out`: packets remuxed, or decoded and re-encoded to AAC; fed lazily so
     audio and video packets interleave, and cut where the video ends."""
@@ -325,8 +321,11 @@ class VideoWriter:
         self.width, self.height = int(width) - int(width) % 2, int(height) - int(height) % 2
         if self.width < 2 or self.height < 2:
             raise InputError(f"output frame size too small: {width}x{height}")
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".partial{self.path.suffix}",
-                                   dir=self.path.parent)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".partial{self.path.suffix}",
+                                       dir=self.path.parent)
+        except OSError as e:  # e.g. /proc or /sys, which no access() check predicts
+            raise InputError(f"cannot create files in the output folder {self.path.parent} ({e.strerror})") from None
         os.close(fd)
         self.tmp_path = Path(tmp)
         self.frames_written = 0
@@ -404,7 +403,7 @@ class VideoWriter:
                 self._audio.finish(float(self.frames_written / self.fps))
             self._container.close()
             self._close_audio()
-            os.chmod(self.tmp_path, 0o666 & ~_umask())  # mkstemp made it 0600
+            give_default_mode(self.tmp_path)
             os.replace(self.tmp_path, self.path)
             self._closed = True
         except BaseException:

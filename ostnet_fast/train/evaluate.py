@@ -165,6 +165,33 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
 
 
+def usage_problem(opts: EvalOptions) -> str | None:
+    """What is wrong with the command line, found before any model or data work; None if nothing."""
+    if not Path(opts.checkpoint).is_file():
+        return f"checkpoint not found: {opts.checkpoint}"
+    for flag, value in (("--batch-size", opts.batch_size), ("--stride", opts.stride),
+                        ("--max-frames", opts.max_frames), ("--max-videos", opts.max_videos)):
+        if value is not None and value < 1:
+            return f"{flag} must be >= 1, got {value}"
+    if opts.device is not None:
+        try:
+            device = torch.device(opts.device)
+        except RuntimeError:
+            return f"--device {opts.device}: not a device (cuda, cuda:N or cpu)"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return f"--device {opts.device}: CUDA is not available to this torch build ({torch.__version__})"
+        if device.type not in ("cuda", "cpu"):
+            return f"--device {opts.device}: only cuda and cpu are supported"
+    if opts.out:
+        out = Path(opts.out)
+        if out.is_dir():
+            return f"--out {out} is a directory; give a file name (e.g. {out / 'eval.json'})"
+        parent = next((p for p in out.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            return f"--out {out}: {parent} is not a directory"
+    return None
+
+
 def run_eval_cli(args, prog: str = "ostnet-fast eval") -> int:
     from ..data.dataset import DatasetError
     opts = EvalOptions(checkpoint=args.checkpoint, data=args.data, out=args.out, split=args.split,
@@ -172,8 +199,9 @@ def run_eval_cli(args, prog: str = "ostnet-fast eval") -> int:
                        stride=args.stride, max_frames=args.max_frames, max_videos=args.max_videos,
                        delta=args.delta, seed=args.seed, lpips=args.lpips, lpips_backbone=args.lpips_backbone,
                        face_metrics=args.face_metrics)
-    if not Path(opts.checkpoint).is_file():
-        print(f"{prog}: error: checkpoint not found: {opts.checkpoint}", file=sys.stderr)
+    problem = usage_problem(opts)
+    if problem:
+        print(f"{prog}: error: {problem}", file=sys.stderr)
         return 2
     try:
         doc = evaluate(opts, progress=args.progress)

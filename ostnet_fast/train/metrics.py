@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import load_pickled_tensors
+
 PSNR_CAP = 100.0
 
 
@@ -132,13 +134,13 @@ class LPIPS(nn.Module):
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"LPIPS weights not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors":
+        try:
             from safetensors.torch import load_file
             return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a loadable state dict ({type(e).__name__}: {e})") from None
+        except Exception as e:
+            raise ValueError(f"{path} is not a loadable state dict ({type(e).__name__}: {e})") from None
+    state = load_pickled_tensors(path, "LPIPS state dict")
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
     return state
