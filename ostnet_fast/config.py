@@ -199,4 +199,10 @@ def load_config(name_or_path: str | Path | Config | None = None) -> Config:
             raise ValueError(f"unknown config {name_or_path!r}; shipped: {available_configs()}, "
                              "or give a path to a .yaml file")
         text, name = shipped.read_text(), name_or_path
-    return config_from_dict(yaml.safe_load(text) or {}, name=name)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"config {name_or_path} is not valid YAML ({' '.join(str(e).split())})") from None
+    if not data:
+        raise ValueError(f"config {name_or_path} is empty (start from a shipped one: {available_configs()})")
+    return config_from_dict(data, name=name)

@@ -155,10 +155,11 @@ def test_missing_checkpoint_exits_2_with_one_line(tmp_path, capsys):
     ("--out is a file", "file.txt", None, "file.txt"),
     ("--out under a file", "file.txt/sub", None, "file.txt"),
     ("a size the model cannot run at", "o", 50, "multiples of 32"),
+    ("size zero", "o", 0, "--size must be >= 16"),
 ])
 def test_bad_out_or_size_exits_2_with_one_line(tmp_path, capsys, what, out, size, message):
     (tmp_path / "file.txt").write_text("x")
-    rc = onnx_export.main(["--config", TINY, "--out", str(tmp_path / out)] + (["--size", str(size)] if size else []))
+    rc = onnx_export.main(["--config", TINY, "--out", str(tmp_path / out)] + ([] if size is None else ["--size", str(size)]))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and message in err[0], (what, err)
     assert not (tmp_path / "o").exists()

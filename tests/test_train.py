@@ -4,10 +4,14 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -235,10 +239,10 @@ def test_ddp_two_processes_gloo(tmp_path):
 
 
 class _KillDuring(torch.utils.data.Dataset):
-    """Sends this process SIGTERM while the n-th sample is being read."""
+    """Sends this process `sig` while the n-th sample is being read."""
 
-    def __init__(self, base, at):
-        self.base, self.at, self.count = base, at, 0
+    def __init__(self, base, at, sig=signal.SIGTERM):
+        self.base, self.at, self.count, self.sig = base, at, 0, sig
 
     def __len__(self):
         return len(self.base)
@@ -249,7 +253,7 @@ class _KillDuring(torch.utils.data.Dataset):
     def __getitem__(self, i):
         self.count += 1
         if self.count == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.sig)
         return self.base[i]
 
 
@@ -263,6 +267,111 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert trainer.stop_requested and trainer.step == 2
     assert json.loads((tmp_path / "run" / "latest.json").read_text())["step"] == 2
     assert signal.getsignal(signal.SIGTERM) == before  # handler restored
+
+
+def test_ctrl_c_saves_like_sigterm_and_the_exit_code_says_the_run_stopped_early(tmp_path, capsys):
+    from ostnet_fast.data.dataset import FramePairs
+    from ostnet_fast.train import trainer as trainer_module
+    data = tiny_dataset(tmp_path / "data")
+    dataset = _KillDuring(FramePairs(data, 64, num_repeats=8), at=3, sig=signal.SIGINT)
+    made = {}
+    real = trainer_module.run_training
+    trainer_module.run_training = lambda opts: made.setdefault("t", real(opts, dataset=dataset))
+    try:
+        code = trainer_module.run_cli(options(config=tiny_config(num_repeats=8, num_epochs=1),
+                                              out=str(tmp_path / "run"), max_steps=6))
+    finally:
+        trainer_module.run_training = real
+    assert code == 130 and made["t"].step == 2 and made["t"].stopped_by == "SIGINT"
+    assert json.loads((tmp_path / "run" / "latest.json").read_text())["step"] == 2
+    assert "SIGINT: saved a checkpoint at step 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(max_steps=0), "--max-steps must be >= 1"),
+    (dict(num_workers=-1), "--num-workers must be >= 0"),
+    (dict(batch_size=0), "--batch-size must be >= 1"),
+    (dict(out="{tmp}/file.txt"), "is a file, not a run directory"),
+    (dict(out="{tmp}/run"), "already holds a run: continue it with --resume"),
+])
+def test_bad_run_options_are_usage_errors_and_touch_nothing(tmp_path, flags, message):
+    from ostnet_fast.train.trainer import UsageError
+    data = tiny_dataset(tmp_path / "data")
+    (tmp_path / "file.txt").write_text("x")
+    run_training(options(config=tiny_config(), data=str(data), out=str(tmp_path / "run"), max_steps=1))
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    kw = dict(config=tiny_config(), data=str(data), out=str(tmp_path / "new"), max_steps=1)
+    kw.update({k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in flags.items()})
+    with pytest.raises(UsageError, match=re.escape(message)):
+        Trainer(options(**kw))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+    assert not (tmp_path / "new").exists()
+
+
+def _corrupt_dataset(root: Path) -> Path:
+    tiny_dataset(root)  # v0.mp4, v1.mp4 decode; zz_bad.mp4 sorts last, past the start-up check of the first
+    (root / "train" / "zz_bad.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())
+    return root
+
+
+def test_a_corrupt_video_mid_run_saves_the_training_so_far(tmp_path):
+    from ostnet_fast.data.dataset import DatasetError
+    data = _corrupt_dataset(tmp_path / "data")
+    with pytest.raises(DatasetError, match="zz_bad.mp4"):
+        run_training(options(config=tiny_config(num_repeats=4, num_epochs=3), data=str(data),
+                             out=str(tmp_path / "run"), seed=1, max_steps=12))
+    latest = json.loads((tmp_path / "run" / "latest.json").read_text())
+    assert latest["step"] >= 1  # the steps before the bad sample are kept
+
+
+def test_a_corrupt_video_read_by_a_worker_is_one_line_and_the_process_exits(tmp_path):
+    # Workers ignore SIGTERM (a process-group SIGTERM must not kill them before the checkpoint); the
+    # trainer shuts them down itself, or Python's exit would wait for them forever.
+    data = _corrupt_dataset(tmp_path / "data")
+    cfg = tmp_path / "tiny4.yaml"
+    cfg.write_text(Path(TINY).read_text().replace("num_repeats: 1", "num_repeats: 4").replace("num_epochs: 1",
+                                                                                              "num_epochs: 3"))
+    proc = subprocess.run([sys.executable, "-m", "ostnet_fast", "train", "--config", str(cfg), "--data", str(data),
+                           "--out", str(tmp_path / "run"), "--device", "cpu", "--random-vgg", "--num-workers", "1",
+                           "--batch-size", "2", "--seed", "1", "--max-steps", "12", "--no-progress"],
+                          capture_output=True, text=True, timeout=240)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and "zz_bad.mp4" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_config_files_that_are_not_yaml_or_empty_are_refused(tmp_path):
+    bad, empty = tmp_path / "bad.yaml", tmp_path / "empty.yaml"
+    bad.write_text("garbage: [")
+    empty.write_text("")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ValueError, match="is empty"):
+        load_config(empty)
+
+
+def test_an_incomplete_training_state_is_a_checkpoint_error(tmp_path):
+    from ostnet_fast.checkpoint import CheckpointError
+    data = tiny_dataset(tmp_path / "data")
+    run_training(options(config=tiny_config(), data=str(data), out=str(tmp_path / "run"), max_steps=1))
+    state = next((tmp_path / "run" / "checkpoints").glob("*.state.json"))
+    meta = json.loads(state.read_text())
+    del meta["optimizer_param_groups"]
+    state.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="training state is incomplete"):
+        run_training(TrainOptions(resume=str(tmp_path / "run"), max_steps=2, random_vgg=True, num_workers=0,
+                                  progress=False, device="cpu"))
+
+
+def test_the_data_path_is_stored_absolute_so_resume_works_from_anywhere(tmp_path, monkeypatch):
+    tiny_dataset(tmp_path / "data")
+    cfg = tiny_config()
+    monkeypatch.chdir(tmp_path)
+    run_training(options(config=cfg, data="data", out=str(tmp_path / "run"), max_steps=1))
+    monkeypatch.chdir("/")
+    resumed = run_training(TrainOptions(resume=str(tmp_path / "run"), max_steps=2, random_vgg=True, num_workers=0,
+                                        progress=False, device="cpu"))
+    assert resumed.step == 2 and resumed.opts.data == str(tmp_path / "data")
 
 
 def test_init_from_fomm_checkpoint(tmp_path):

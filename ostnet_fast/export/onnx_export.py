@@ -265,6 +265,8 @@ def export_graphs(model: OSTNet, config: Config, out_dir: str | Path, opset: int
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     if exporter == "dynamo" and opset < 18:
         raise ValueError(f"the dynamo exporter writes opset 18 or newer, got --opset {opset}")
+    if size is not None and size < 16:
+        raise ValueError(f"--size must be >= 16, got {size}")
     size = int(size or config.model.image_size)
     c = config.model.num_channels
     model.check_image(torch.zeros(1, c, size, size), "source")  # validates S before any work

@@ -146,21 +146,29 @@ def format_table(doc: dict) -> str:
 
 
 def add_eval_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="ostnet-fast checkpoint (.safetensors)")
-    parser.add_argument("--data", required=True, help="dataset root (uses root/test when it exists) or one video")
-    parser.add_argument("--out", default=None, help="write the metrics as JSON here")
-    parser.add_argument("--split", default="test", help="sub-folder of --data to evaluate (default test)")
+    parser.add_argument("--checkpoint", required=True, metavar="PATH", help="ostnet-fast checkpoint (.safetensors)")
+    parser.add_argument("--data", required=True, metavar="DATA",
+                        help="dataset root (uses root/test when it exists) or one video")
+    parser.add_argument("--out", default=None, metavar="JSON", help="write the metrics as JSON here")
+    parser.add_argument("--split", default="test", metavar="NAME",
+                        help="sub-folder of --data to evaluate (default test)")
     parser.add_argument("--protocol", dest="protocols", action="append", choices=PROTOCOLS,
                         help="same_scale and/or different_scale (default both)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--batch-size", type=int, default=16, help="driving frames per forward")
-    parser.add_argument("--stride", type=int, default=1, help="use every N-th frame as a driving frame")
-    parser.add_argument("--max-frames", type=int, default=None, help="driving frames per video at most")
-    parser.add_argument("--max-videos", type=int, default=None, help="videos at most")
-    parser.add_argument("--delta", type=float, default=0.3, help="different-scale protocol: alpha, beta in [1-d, 1+d]")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the different-scale factors")
-    parser.add_argument("--lpips", default=None, help="LPIPS v0.1 AlexNet weights (lpips' alex.pth or a full state dict)")
-    parser.add_argument("--lpips-backbone", default=None, help="torchvision alexnet-owt-7be5be79.pth for --lpips")
+    parser.add_argument("--device", default=None, metavar="DEVICE", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N",
+                        help="driving frames per forward (default 16)")
+    parser.add_argument("--stride", type=int, default=1, metavar="N",
+                        help="use every N-th frame as a driving frame (default 1)")
+    parser.add_argument("--max-frames", type=int, default=None, metavar="N", help="driving frames per video at most")
+    parser.add_argument("--max-videos", type=int, default=None, metavar="N", help="videos at most")
+    parser.add_argument("--delta", type=float, default=0.3, metavar="D",
+                        help="different-scale protocol: alpha, beta in [1-D, 1+D] (default 0.3)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="seed of the different-scale factors (default 0)")
+    parser.add_argument("--lpips", default=None, metavar="PATH",
+                        help="LPIPS v0.1 AlexNet weights (lpips' alex.pth or a full state dict)")
+    parser.add_argument("--lpips-backbone", default=None, metavar="PATH",
+                        help="torchvision alexnet-owt-7be5be79.pth for --lpips")
     parser.add_argument("--face-metrics", action="store_true", help="AKD/AED (needs dlib + face-recognition-models)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
 

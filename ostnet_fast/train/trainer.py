@@ -68,9 +68,10 @@ class TrainOptions:
     """Run-time flags of `ostnet-fast train` (the architecture and schedule live in the YAML config)."""
     config: str | None = _opt(None, "shipped config name or YAML path (default ostnet-vox-256; on --resume, "
                                     "the run's)", "NAME_OR_YAML")
-    data: str | None = _opt(None, "dataset root: a folder of videos / frame folders (FOMM layout "
-                                  "root/train/...), or one video", "DATA")
-    out: str | None = _opt(None, "run directory for checkpoints and logs", "RUN_DIR")
+    data: str | None = _opt(None, "required for a new run: dataset root, a folder of videos / frame folders "
+                                  "(FOMM layout root/train/...), or one video", "DATA")
+    out: str | None = _opt(None, "required for a new run: a new run directory for checkpoints and logs (an "
+                                 "existing run is refused: continue it with --resume)", "RUN_DIR")
     resume: str | None = _opt(None, "continue the run in RUN_DIR from its latest checkpoint", "RUN_DIR")
     init_fomm: str | None = _opt(None, "fine-tune from a FOMM checkpoint (vox-cpk.pth.tar)", "PATH")
     fused: bool | None = _opt(None, "fused kernels (default: on with CUDA)")
@@ -102,6 +103,8 @@ def add_train_arguments(parser) -> None:
     for f in dataclasses.fields(TrainOptions):
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help", "")
+        if f.default not in (None, False, True) and "default" not in help_:
+            help_ += f" (default: {f.default})"
         if f.type in ("bool", "bool | None"):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_)
@@ -342,6 +345,10 @@ def restore_training_state(tensors: dict[str, torch.Tensor], meta: dict, optimiz
             state.setdefault(int(idx), {})[name] = value
     for idx, rest in meta.get("optimizer_non_tensor_state", {}).items():
         state.setdefault(int(idx), {}).update(rest)
+    missing = [k for k in ("optimizer_param_groups", "scheduler", "step", "epoch", "batch_in_epoch") if k not in meta]
+    if missing:
+        raise ckpt.CheckpointError(f"the training state is incomplete (no {', '.join(missing)}): not written by "
+                                   "ostnet-fast train, or damaged")
     groups = _from_json(meta["optimizer_param_groups"])
     for g in groups:
         if "betas" in g:
@@ -390,6 +397,8 @@ class Trainer:
         self.opts = opts
         self.env = dist_env or dist_env_from_environ()
         self.stop_requested = False
+        self.stopped_by: str | None = None  # the signal that stopped the run early
+        self.stopped = False  # the run ended early (a signal), its checkpoint saved
         self._resume = None
         if opts.resume:
             self._resume = latest_checkpoint(opts.resume)
@@ -400,6 +409,15 @@ class Trainer:
         if not opts.out:
             raise UsageError("--out RUN_DIR is required")
         self.run_dir = Path(opts.out)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UsageError(f"--out {self.run_dir} is a file, not a run directory")
+        if not opts.resume and (self.run_dir / "latest.json").exists():
+            raise UsageError(f"{self.run_dir} already holds a run: continue it with --resume {self.run_dir}, "
+                             "or give a new --out")
+        for flag, value, least in (("--max-steps", opts.max_steps, 1), ("--num-workers", opts.num_workers, 0),
+                                   ("--save-every", opts.save_every, 1), ("--log-every", opts.log_every, 1)):
+            if value is not None and value < least:
+                raise UsageError(f"{flag} must be >= {least}, got {value}")
         self.device = self._pick_device()
         self.config, state_meta = self._load_config()
         if state_meta and opts.config and self.env.master:
@@ -414,9 +432,13 @@ class Trainer:
             opts.seed = 0
         if dataset is None and not opts.data:
             raise UsageError("--data is required (a folder of videos or frame folders, or one video)")
-        self.batch_size = opts.batch_size or self.config.train.batch_size
+        if opts.batch_size is not None and opts.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {opts.batch_size}")
+        self.batch_size = opts.batch_size if opts.batch_size is not None else self.config.train.batch_size
         if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise UsageError(f"the config's train.batch_size must be >= 1, got {self.batch_size}")
+        if opts.data and not state_meta:
+            opts.data = str(Path(opts.data).resolve())  # stored in checkpoints: --resume works from anywhere
         self.amp = resolve_amp(opts.amp, self.device)
         self.fused = self.device.type == "cuda" if opts.fused is None else bool(opts.fused)
         self._dataset = dataset
@@ -664,14 +686,16 @@ class Trainer:
         total_steps = self.steps_per_epoch * self.config.train.num_epochs
         if max_steps is not None:
             total_steps = min(total_steps, max_steps)
-        previous = None
+        previous = {}
         if threading_main():
-            previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, self._on_stop_signal)
         self._pbar = None
         if self.env.master and self.opts.progress:
             from tqdm import tqdm
             self._pbar = tqdm(total=total_steps, initial=min(self.step, total_steps), unit="step", dynamic_ncols=True)
         stopped = False
+        loader_iter = None
         try:
             t_last, steps_since = time.perf_counter(), 0
             first = True
@@ -685,6 +709,10 @@ class Trainer:
                     if self.stop_requested:  # workers killed with us (e.g. a process-group SIGTERM)
                         stopped = True
                         break
+                    if self.step > 0 and not self.env.enabled:  # e.g. a corrupt video: keep what was trained
+                        self.save()
+                        self.log(f"saved a checkpoint at step {self.step} before stopping on the error below; "
+                                 f"continue with --resume {self.run_dir}")
                     raise
                 gen = step_generator(self.opts.seed, self.env.rank, self.step)
                 inputs = prepare_batch(batch, gen, self.config, self.device, self.memory_format)
@@ -727,10 +755,12 @@ class Trainer:
                     stopped = True
                     break
             self.save()
+            self.stopped = stopped
             if self.env.enabled:
                 self._check_ranks_agree()
             if stopped:
-                self.log(f"SIGTERM: saved a checkpoint at step {self.step}; continue with --resume {self.run_dir}")
+                self.log(f"{self.stopped_by or 'stopped'}: saved a checkpoint at step {self.step}; continue with "
+                         f"--resume {self.run_dir}")
             else:
                 limit = ("--max-steps" if self.opts.max_steps is not None and self.step >= self.opts.max_steps
                          else f"num_epochs = {self.config.train.num_epochs} of the config")
@@ -742,8 +772,11 @@ class Trainer:
                 self._pbar = None
             if self._tb is not None:
                 self._tb.close()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            shutdown = getattr(loader_iter, "_shutdown_workers", None)
+            if shutdown is not None:  # now, not at exit: workers ignore SIGTERM, so exit could wait on them forever
+                shutdown()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _check_ranks_agree(self) -> bool:
         """DDP keeps one model on every rank: compare per-parameter float64 sums across ranks, exactly."""
@@ -757,8 +790,14 @@ class Trainer:
             self.log(f"warning: DDP ranks hold different weights (largest per-parameter sum difference {worst:.3g})")
         return worst == 0
 
-    def _on_sigterm(self, signum, frame) -> None:
+    def _on_stop_signal(self, signum, frame) -> None:
+        """SIGTERM or Ctrl-C: finish the step, save, exit. A second Ctrl-C aborts at once (nothing saved)."""
+        if signum == signal.SIGINT and self.stop_requested:
+            raise KeyboardInterrupt
         self.stop_requested = True
+        self.stopped_by = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            self.log("Ctrl-C: saving a checkpoint after this step (Ctrl-C again to abort without saving)")
 
 
 def threading_main() -> bool:
@@ -795,8 +834,15 @@ def run_cli(opts: TrainOptions, prog: str = "ostnet-fast train") -> int:
         with contextlib.suppress(ValueError, OSError):  # stderr without a file descriptor (captured)
             faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
-        run_training(opts)
+        trainer = run_training(opts)
     except (UsageError, DatasetError, ckpt.CheckpointError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        message = str(e)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: its own message is the last line
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        print(f"{prog}: aborted (Ctrl-C twice): nothing saved since the last checkpoint", file=sys.stderr)
+        return 130
+    # Stopped by a signal: the checkpoint is saved, but the run is not finished (for `train && eval`).
+    return {"SIGINT": 130}.get(trainer.stopped_by, 143) if trainer.stopped else 0
