@@ -93,6 +93,20 @@ def test_fp16_needs_fp16_graphs(tiny_engines, tmp_path, capsys):
     assert rc == 2 and "frame_fp16.onnx" in err and "--fp16" in err
 
 
+@needs_trt
+def test_a_frame_graph_that_fails_leaves_no_source_engine(tiny_engines, tmp_path, capsys):
+    import shutil
+    onnx_dir, _ = tiny_engines
+    broken = tmp_path / "onnx"
+    shutil.copytree(onnx_dir, broken)
+    (broken / "frame.onnx").write_bytes(b"not onnx")
+    (broken / "frame.json").write_text(json.dumps({k: v for k, v in json.loads((onnx_dir / "frame.json").read_text())
+                                                   .items() if k != "onnx_sha256"}))
+    rc = build_trt.main(["--onnx", str(broken), "--out", str(tmp_path / "engines")])
+    assert rc == 2 and "frame" in capsys.readouterr().err
+    assert not (tmp_path / "engines").exists() or not list((tmp_path / "engines").iterdir())
+
+
 def _sampler_graph(path, mode: str, opset: int = 17):
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 4, 4])
     g = onnx.helper.make_tensor_value_info("g", onnx.TensorProto.FLOAT, [1, 4, 4, 2])

@@ -165,6 +165,21 @@ def test_bad_out_or_size_exits_2_with_one_line(tmp_path, capsys, what, out, size
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("failure", [RuntimeError("the frame graph broke"), KeyboardInterrupt()])
+def test_a_failed_or_interrupted_export_leaves_no_half_set(tmp_path, monkeypatch, failure):
+    real = onnx_export._export_one
+
+    def frame_fails(module, *args):
+        if type(module).__name__ == "FrameGraph":
+            raise failure
+        return real(module, *args)
+    monkeypatch.setattr(onnx_export, "_export_one", frame_fails)
+    (tmp_path / "keep.txt").write_text("not ours")
+    with pytest.raises((ExportError, KeyboardInterrupt)):
+        onnx_export.export_graphs(tiny_model(), load_config(TINY), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]  # source.onnx + source.json removed
+
+
 def test_aoti_refuses_a_batch_below_one(tmp_path, capsys):
     from ostnet_fast.export import aoti
     rc = aoti.main(["--config", TINY, "--out", str(tmp_path / "a"), "--device", "cpu", "--max-batch", "0"])

@@ -158,12 +158,14 @@ def test_eval_cli(tmp_path, capsys):
     (["--device", "tpu9"], "--device tpu9"),
     (["--out", "{tmp}"], "is a directory"),
     (["--out", "{tmp}/file.txt/eval.json"], "is not a directory"),
+    (["--split", "nosuch"], "--split nosuch: there is no folder"),
 ])
 def test_eval_cli_refuses_bad_flags_before_any_work(tmp_path, capsys, flags, message):
     ckpt = tmp_path / "w.safetensors"
     save_checkpoint(ckpt, OSTNet(load_config("tests/configs/tiny.yaml").model), load_config("tests/configs/tiny.yaml"))
     (tmp_path / "file.txt").write_text("x")
     flags = [f.format(tmp=tmp_path) for f in flags]
-    assert _eval_cli(["--checkpoint", str(ckpt), "--data", str(tmp_path / "no-data-needed"), *flags]) == 2
+    data = tmp_path if "--split" in flags else tmp_path / "no-data-needed"
+    assert _eval_cli(["--checkpoint", str(ckpt), "--data", str(data), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err

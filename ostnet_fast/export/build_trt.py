@@ -35,7 +35,7 @@ from typing import Any, Sequence
 from .. import __version__
 from ..checkpoint import CheckpointError
 from .common import (GRAPHS, ExportError, engine_name, onnx_name, read_sidecar, sha256_file, sidecar_path,
-                     write_bytes, write_json)
+                     whole_set_or_none, write_bytes, write_json)
 
 log = logging.getLogger("ostnet_fast.export.trt")
 FLAVOURS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx_bindings"}  # flavour -> module
@@ -361,17 +361,20 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, fp16: bool = False,
     if trt is None:
         trt, flavour = import_tensorrt()
     out: dict[str, Path] = {}
-    for graph, path in paths.items():
-        onnx_side = read_sidecar(path)
-        if onnx_side.get("onnx_sha256") not in (None, sha256_file(path)):
-            raise ExportError(f"{path} does not match its sidecar's onnx_sha256 (edited after export?); re-export")
-        builder = EngineBuilder(trt, flavour, workspace_gb=workspace_gb, timing_cache=timing_cache,
-                                compute_capabilities=compute_capabilities, verbose=verbose)
-        builder.create_network(path, batch if graph == "frame" else None)
-        keep = ("graph", "image_size", "opset", "config_name", "config", "checkpoint", "checkpoint_sha256",
-                "weights", "grid_sample")
-        out[graph] = builder.create_engine(out_dir / engine_name(graph), precision,
-                                           extra={k: onnx_side.get(k) for k in keep})
+    with whole_set_or_none() as made:  # a failed frame engine takes the source engine with it
+        for graph, path in paths.items():
+            onnx_side = read_sidecar(path)
+            if onnx_side.get("onnx_sha256") not in (None, sha256_file(path)):
+                raise ExportError(f"{path} does not match its sidecar's onnx_sha256 (edited after export?); "
+                                  "re-export")
+            builder = EngineBuilder(trt, flavour, workspace_gb=workspace_gb, timing_cache=timing_cache,
+                                    compute_capabilities=compute_capabilities, verbose=verbose)
+            builder.create_network(path, batch if graph == "frame" else None)
+            keep = ("graph", "image_size", "opset", "config_name", "config", "checkpoint", "checkpoint_sha256",
+                    "weights", "grid_sample")
+            out[graph] = builder.create_engine(out_dir / engine_name(graph), precision,
+                                               extra={k: onnx_side.get(k) for k in keep})
+            made.append(out[graph])
     return out
 
 

@@ -9,6 +9,7 @@ same for frame; one precision per engine directory (the sidecar says which).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -97,3 +98,17 @@ def check_opset(opset: int) -> int:
         raise ValueError(f"opset {opset} refused: GridSample needs opset {MIN_OPSET} or newer; use "
                          f"{MIN_OPSET}..{MAX_OPSET}")
     return opset
+
+
+@contextlib.contextmanager
+def whole_set_or_none():
+    """Yields a list; the files (and their sidecars) put in it are removed if the block fails or is
+    interrupted, so an output folder never holds half a set (a source graph without its frame graph)."""
+    made: list[Path] = []
+    try:
+        yield made
+    except BaseException:
+        for path in made:
+            Path(path).unlink(missing_ok=True)
+            sidecar_path(Path(path)).unlink(missing_ok=True)
+        raise

@@ -33,7 +33,7 @@ from ..checkpoint import CheckpointError, load_checkpoint, load_fomm_checkpoint
 from ..config import Config, load_config
 from ..model import OSTNet
 from .common import (DEFAULT_OPSET, GRID_SAMPLE_NOTE, ExportError, check_opset, onnx_name, sha256_file,
-                     sidecar_path, write_json)
+                     sidecar_path, whole_set_or_none, write_json)
 from .graphs import FrameGraph, SourceGraph
 
 log = logging.getLogger("ostnet_fast.export")
@@ -277,47 +277,49 @@ def export_graphs(model: OSTNet, config: Config, out_dir: str | Path, opset: int
     example_source = torch.rand(1, c, size, size, generator=g)  # (1, C, S, S)
     example_driving = torch.rand(TRACE_BATCH, c, size, size, generator=g)  # (N, C, S, S)
     written: dict[str, Path] = {}
-    for precision in precisions:
-        half = precision == "fp16"
-        sg = SourceGraph(model, half=half)
-        fg = FrameGraph(model, size, half=half, rectified=rectified)
-        with torch.no_grad():
-            source_tensors = sg(example_source)
-        dynamic = {"driving": {0: "N"}, **{n: {0: "N"} for n in fg.output_names}}
-        plans = [("source", sg, (example_source,), ("source",), sg.output_names, {}),
-                 ("frame", fg, (*source_tensors, example_driving), fg.input_names, fg.output_names, dynamic)]
-        for graph, module, args, inputs, outputs, dyn in plans:
-            path = out_dir / onnx_name(graph, precision)
-            log.info("exporting %s (%s, opset %d, %dx%d) -> %s", graph, precision, opset, size, size, path)
-            try:
-                _export_one(module, args, path, inputs, outputs, dyn, opset, exporter)
-                proto = clean_graph(path)
-                summary = check_graph(proto)
-            except ExportError:
-                path.unlink(missing_ok=True)
-                raise
-            except Exception as e:
-                path.unlink(missing_ok=True)
-                raise ExportError(f"exporting {graph} ({precision}) failed: {type(e).__name__}: {e}") from e
-            import onnx
-            onnx.save(proto, str(path))
-            write_json(sidecar_path(path), {
-                "format": "ostnet-fast-onnx", "graph": graph, "file": path.name, "precision": precision,
-                "inputs": value_infos(proto.graph.input), "outputs": value_infos(proto.graph.output),
-                "dynamic_axes": {k: {str(a): s for a, s in v.items()} for k, v in dyn.items()},
-                "image_size": size, "opset": opset, "exporter": exporter, "ops": summary["ops"],
-                "grid_sample": GRID_SAMPLE_NOTE, "grid_samples": summary["grid_samples"],
-                "tps": "grid = A @ C, A (S*S, T) constant (solved in float64 at export), then GridSample",
-                "io_dtype": "float32 (fp16 graphs cast inside)",
-                "onnx_sha256": sha256_file(path),
-                "config_name": config.name, "config": config.to_dict(),
-                "checkpoint": source.checkpoint, "checkpoint_sha256": source.checkpoint_sha256,
-                "weights": source.kind, "package_version": __version__, "torch_version": torch.__version__,
-                "onnx_version": onnx.__version__,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            })
-            written[graph if precision == "fp32" else f"{graph}_{precision}"] = path
-            log.info("  %s: %d nodes, ops %s", path.name, len(proto.graph.node), " ".join(summary["ops"]))
+    with whole_set_or_none() as made:  # a failed or interrupted export leaves no half set
+        for precision in precisions:
+            half = precision == "fp16"
+            sg = SourceGraph(model, half=half)
+            fg = FrameGraph(model, size, half=half, rectified=rectified)
+            with torch.no_grad():
+                source_tensors = sg(example_source)
+            dynamic = {"driving": {0: "N"}, **{n: {0: "N"} for n in fg.output_names}}
+            plans = [("source", sg, (example_source,), ("source",), sg.output_names, {}),
+                     ("frame", fg, (*source_tensors, example_driving), fg.input_names, fg.output_names, dynamic)]
+            for graph, module, args, inputs, outputs, dyn in plans:
+                path = out_dir / onnx_name(graph, precision)
+                log.info("exporting %s (%s, opset %d, %dx%d) -> %s", graph, precision, opset, size, size, path)
+                try:
+                    _export_one(module, args, path, inputs, outputs, dyn, opset, exporter)
+                    proto = clean_graph(path)
+                    summary = check_graph(proto)
+                except ExportError:
+                    path.unlink(missing_ok=True)
+                    raise
+                except Exception as e:
+                    path.unlink(missing_ok=True)
+                    raise ExportError(f"exporting {graph} ({precision}) failed: {type(e).__name__}: {e}") from e
+                import onnx
+                onnx.save(proto, str(path))
+                write_json(sidecar_path(path), {
+                    "format": "ostnet-fast-onnx", "graph": graph, "file": path.name, "precision": precision,
+                    "inputs": value_infos(proto.graph.input), "outputs": value_infos(proto.graph.output),
+                    "dynamic_axes": {k: {str(a): s for a, s in v.items()} for k, v in dyn.items()},
+                    "image_size": size, "opset": opset, "exporter": exporter, "ops": summary["ops"],
+                    "grid_sample": GRID_SAMPLE_NOTE, "grid_samples": summary["grid_samples"],
+                    "tps": "grid = A @ C, A (S*S, T) constant (solved in float64 at export), then GridSample",
+                    "io_dtype": "float32 (fp16 graphs cast inside)",
+                    "onnx_sha256": sha256_file(path),
+                    "config_name": config.name, "config": config.to_dict(),
+                    "checkpoint": source.checkpoint, "checkpoint_sha256": source.checkpoint_sha256,
+                    "weights": source.kind, "package_version": __version__, "torch_version": torch.__version__,
+                    "onnx_version": onnx.__version__,
+                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                })
+                made.append(path)
+                written[graph if precision == "fp32" else f"{graph}_{precision}"] = path
+                log.info("  %s: %d nodes, ops %s", path.name, len(proto.graph.node), " ".join(summary["ops"]))
     return written
 
 

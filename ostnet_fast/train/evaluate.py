@@ -150,8 +150,8 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--data", required=True, metavar="DATA",
                         help="dataset root (uses root/test when it exists) or one video")
     parser.add_argument("--out", default=None, metavar="JSON", help="write the metrics as JSON here")
-    parser.add_argument("--split", default="test", metavar="NAME",
-                        help="sub-folder of --data to evaluate (default test)")
+    parser.add_argument("--split", default=None, metavar="NAME",
+                        help="sub-folder of --data to evaluate (default: test when --data has one, else --data)")
     parser.add_argument("--protocol", dest="protocols", action="append", choices=PROTOCOLS,
                         help="same_scale and/or different_scale (default both)")
     parser.add_argument("--device", default=None, metavar="DEVICE", help="cuda or cpu (default: cuda when available)")
@@ -202,7 +202,11 @@ def usage_problem(opts: EvalOptions) -> str | None:
 
 def run_eval_cli(args, prog: str = "ostnet-fast eval") -> int:
     from ..data.dataset import DatasetError
-    opts = EvalOptions(checkpoint=args.checkpoint, data=args.data, out=args.out, split=args.split,
+    if args.split is not None and Path(args.data).is_dir() and not (Path(args.data) / args.split).is_dir():
+        print(f"{prog}: error: --split {args.split}: there is no folder {Path(args.data) / args.split}",
+              file=sys.stderr)
+        return 2
+    opts = EvalOptions(checkpoint=args.checkpoint, data=args.data, out=args.out, split=args.split or "test",
                        protocols=tuple(args.protocols or PROTOCOLS), device=args.device, batch_size=args.batch_size,
                        stride=args.stride, max_frames=args.max_frames, max_videos=args.max_videos,
                        delta=args.delta, seed=args.seed, lpips=args.lpips, lpips_backbone=args.lpips_backbone,
