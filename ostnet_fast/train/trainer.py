@@ -710,9 +710,12 @@ class Trainer:
                         stopped = True
                         break
                     if self.step > 0 and not self.env.enabled:  # e.g. a corrupt video: keep what was trained
-                        self.save()
-                        self.log(f"saved a checkpoint at step {self.step} before stopping on the error below; "
-                                 f"continue with --resume {self.run_dir}")
+                        try:
+                            self.save()
+                            self.log(f"saved a checkpoint at step {self.step} before stopping on the error "
+                                     f"below; continue with --resume {self.run_dir}")
+                        except Exception as save_error:  # the loader's error is the one to report
+                            self.log(f"warning: could not save a checkpoint ({save_error})")
                     raise
                 gen = step_generator(self.opts.seed, self.env.rank, self.step)
                 inputs = prepare_batch(batch, gen, self.config, self.device, self.memory_format)
