@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -135,8 +134,9 @@ def size_multiple(model: ModelConfig) -> int:
     scale_factor (256 with the shipped configs' 0.25 and 5 blocks: multiples of 128)."""
     need = 2 ** model.generator.num_down_blocks
     for part in (model.kp_detector, model.dense_motion):
-        step = Fraction(2 ** part.num_blocks) / Fraction(part.scale_factor).limit_denominator(64)
-        need = math.lcm(need, step.numerator)
+        # AntiAliasInterpolation2d subsamples with stride round(1 / scale_factor)
+        stride = 1 if part.scale_factor == 1 else int(round(1 / part.scale_factor))
+        need = math.lcm(need, stride * 2 ** part.num_blocks)
     return need
 
 

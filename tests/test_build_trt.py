@@ -94,7 +94,7 @@ def test_fp16_needs_fp16_graphs(tiny_engines, tmp_path, capsys):
 
 
 @needs_trt
-def test_a_frame_graph_that_fails_leaves_no_source_engine(tiny_engines, tmp_path, capsys):
+def test_a_frame_graph_that_fails_leaves_the_folder_as_it_was(tiny_engines, tmp_path, capsys):
     import shutil
     onnx_dir, _ = tiny_engines
     broken = tmp_path / "onnx"
@@ -102,9 +102,12 @@ def test_a_frame_graph_that_fails_leaves_no_source_engine(tiny_engines, tmp_path
     (broken / "frame.onnx").write_bytes(b"not onnx")
     (broken / "frame.json").write_text(json.dumps({k: v for k, v in json.loads((onnx_dir / "frame.json").read_text())
                                                    .items() if k != "onnx_sha256"}))
+    (tmp_path / "engines").mkdir()
+    (tmp_path / "engines" / "source.engine").write_text("the previous build")
     rc = build_trt.main(["--onnx", str(broken), "--out", str(tmp_path / "engines")])
     assert rc == 2 and "frame" in capsys.readouterr().err
-    assert not (tmp_path / "engines").exists() or not list((tmp_path / "engines").iterdir())
+    assert [p.name for p in (tmp_path / "engines").iterdir()] == ["source.engine"]  # as it was
+    assert (tmp_path / "engines" / "source.engine").read_text() == "the previous build"
 
 
 def _sampler_graph(path, mode: str, opset: int = 17):

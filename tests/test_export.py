@@ -173,11 +173,14 @@ def test_a_failed_or_interrupted_export_leaves_no_half_set(tmp_path, monkeypatch
         if type(module).__name__ == "FrameGraph":
             raise failure
         return real(module, *args)
+    (tmp_path / "source.onnx").write_text("the previous export")
+    (tmp_path / "frame.onnx").write_text("the previous export")
     monkeypatch.setattr(onnx_export, "_export_one", frame_fails)
-    (tmp_path / "keep.txt").write_text("not ours")
     with pytest.raises((ExportError, KeyboardInterrupt)):
         onnx_export.export_graphs(tiny_model(), load_config(TINY), tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]  # source.onnx + source.json removed
+    # The folder is as it was: the previous pair, no new source graph beside it, no staging left.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frame.onnx", "source.onnx"]
+    assert (tmp_path / "source.onnx").read_text() == "the previous export"
 
 
 def test_aoti_refuses_a_batch_below_one(tmp_path, capsys):

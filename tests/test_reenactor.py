@@ -543,6 +543,8 @@ def test_engine_weights_warning_follows_the_exported_graphs(tmp_path, capsys):
         err = capsys.readouterr().err
         assert r.random_weights == (checkpoint is None)
         assert ("RANDOM" in err) == (checkpoint is None), err
+    # The graphs' size rules, not the default config's model (a multiple of 128) built beside them.
+    assert Reenactor(backend="onnxruntime", engine=tmp_path / "real", size=64).size == 64
     # A checkpoint given with the graphs must be the one they were exported from: it is not used otherwise.
     Reenactor(checkpoint=ckpt, backend="onnxruntime", engine=tmp_path / "real")
     other = save_checkpoint(tmp_path / "other.safetensors", tiny_model(seed=1), cfg)

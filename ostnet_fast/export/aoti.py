@@ -21,7 +21,7 @@ import torch
 
 from .. import __version__
 from ..checkpoint import CheckpointError
-from .common import ExportError, whole_set_or_none, write_json
+from .common import ExportError, staged, write_json
 from .graphs import FrameGraph, SourceGraph
 from .onnx_export import load_model, setup_logging
 
@@ -46,21 +46,19 @@ def export_aoti(model, config, out_dir: str | Path, device: str = "cuda", max_ba
     frame_dynamic = None if max_batch == 1 else {
         "inputs": (*[None] * len(state), {0: torch.export.Dim("batch", min=1, max=max_batch)})}
     written = {}
-    with whole_set_or_none() as made:  # a failed or interrupted compile leaves no half set
+    with staged(out) as stage:  # a failed or interrupted compile leaves the folder as it was
         for name, module, args, dynamic in (
                 ("source", source_graph, (source,), None),
                 ("frame", frame_graph, (*state, driving), frame_dynamic)):
             t0 = time.perf_counter()
-            made.append(out / f"{name}.pt2")
             # cuDNN off while tracing: on CUDA, F.grid_sample would record aten.cudnn_grid_sampler, which
             # torch.export cannot trace (no fake kernel); the portable grid_sampler_2d is recorded instead.
             with torch.no_grad(), torch.backends.cudnn.flags(enabled=False):
                 program = torch.export.export(module, args, dynamic_shapes=dynamic)
-                path = torch._inductor.aoti_compile_and_package(program, package_path=str(out / f"{name}.pt2"))
-            written[name] = Path(path)
+                path = torch._inductor.aoti_compile_and_package(program, package_path=str(stage / f"{name}.pt2"))
+            written[name] = out / Path(path).name
             log.info("compiled %s in %.1f s", path, time.perf_counter() - t0)
-        made.append(out / "aoti.json")
-        write_json(out / "aoti.json", {
+        write_json(stage / "aoti.json", {
             "format": "ostnet-fast-aoti", "version": __version__, "torch": torch.__version__, "device": device,
             "image_size": size, "max_batch": max_batch,
             "source_tensors": list(source_graph.output_names), "frame_inputs": list(frame_graph.input_names),

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 from .. import __version__
 from ..checkpoint import CheckpointError
 from .common import (GRAPHS, ExportError, engine_name, onnx_name, read_sidecar, sha256_file, sidecar_path,
-                     whole_set_or_none, write_bytes, write_json)
+                     staged, write_bytes, write_json)
 
 log = logging.getLogger("ostnet_fast.export.trt")
 FLAVOURS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx_bindings"}  # flavour -> module
@@ -361,7 +361,7 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, fp16: bool = False,
     if trt is None:
         trt, flavour = import_tensorrt()
     out: dict[str, Path] = {}
-    with whole_set_or_none() as made:  # a failed frame engine takes the source engine with it
+    with staged(out_dir) as stage:  # a failed frame engine leaves the folder as it was
         for graph, path in paths.items():
             onnx_side = read_sidecar(path)
             if onnx_side.get("onnx_sha256") not in (None, sha256_file(path)):
@@ -372,9 +372,8 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, fp16: bool = False,
             builder.create_network(path, batch if graph == "frame" else None)
             keep = ("graph", "image_size", "opset", "config_name", "config", "checkpoint", "checkpoint_sha256",
                     "weights", "grid_sample")
-            out[graph] = builder.create_engine(out_dir / engine_name(graph), precision,
-                                               extra={k: onnx_side.get(k) for k in keep})
-            made.append(out[graph])
+            builder.create_engine(stage / engine_name(graph), precision, extra={k: onnx_side.get(k) for k in keep})
+            out[graph] = out_dir / engine_name(graph)
     return out
 
 

@@ -13,6 +13,8 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -101,14 +103,16 @@ def check_opset(opset: int) -> int:
 
 
 @contextlib.contextmanager
-def whole_set_or_none():
-    """Yields a list; the files (and their sidecars) put in it are removed if the block fails or is
-    interrupted, so an output folder never holds half a set (a source graph without its frame graph)."""
-    made: list[Path] = []
+def staged(out_dir: str | Path):
+    """Yields a hidden folder inside out_dir to write an export's files into. When the block succeeds they
+    replace their namesakes in out_dir; when it fails or is interrupted the folder is removed. So out_dir
+    holds a whole set, the previous one or the new one, never a source graph of one with the frame of another."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
     try:
-        yield made
-    except BaseException:
-        for path in made:
-            Path(path).unlink(missing_ok=True)
-            sidecar_path(Path(path)).unlink(missing_ok=True)
-        raise
+        yield stage
+        for path in sorted(stage.iterdir()):
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -33,7 +33,7 @@ from ..checkpoint import CheckpointError, load_checkpoint, load_fomm_checkpoint
 from ..config import Config, load_config
 from ..model import OSTNet
 from .common import (DEFAULT_OPSET, GRID_SAMPLE_NOTE, ExportError, check_opset, onnx_name, sha256_file,
-                     sidecar_path, whole_set_or_none, write_json)
+                     sidecar_path, staged, write_json)
 from .graphs import FrameGraph, SourceGraph
 
 log = logging.getLogger("ostnet_fast.export")
@@ -277,7 +277,7 @@ def export_graphs(model: OSTNet, config: Config, out_dir: str | Path, opset: int
     example_source = torch.rand(1, c, size, size, generator=g)  # (1, C, S, S)
     example_driving = torch.rand(TRACE_BATCH, c, size, size, generator=g)  # (N, C, S, S)
     written: dict[str, Path] = {}
-    with whole_set_or_none() as made:  # a failed or interrupted export leaves no half set
+    with staged(out_dir) as stage:  # a failed or interrupted export leaves the folder as it was
         for precision in precisions:
             half = precision == "fp16"
             sg = SourceGraph(model, half=half)
@@ -288,8 +288,9 @@ def export_graphs(model: OSTNet, config: Config, out_dir: str | Path, opset: int
             plans = [("source", sg, (example_source,), ("source",), sg.output_names, {}),
                      ("frame", fg, (*source_tensors, example_driving), fg.input_names, fg.output_names, dynamic)]
             for graph, module, args, inputs, outputs, dyn in plans:
-                path = out_dir / onnx_name(graph, precision)
-                log.info("exporting %s (%s, opset %d, %dx%d) -> %s", graph, precision, opset, size, size, path)
+                path = stage / onnx_name(graph, precision)
+                log.info("exporting %s (%s, opset %d, %dx%d) -> %s", graph, precision, opset, size, size,
+                         out_dir / path.name)
                 try:
                     _export_one(module, args, path, inputs, outputs, dyn, opset, exporter)
                     proto = clean_graph(path)
@@ -317,8 +318,7 @@ def export_graphs(model: OSTNet, config: Config, out_dir: str | Path, opset: int
                     "onnx_version": onnx.__version__,
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 })
-                made.append(path)
-                written[graph if precision == "fp32" else f"{graph}_{precision}"] = path
+                written[graph if precision == "fp32" else f"{graph}_{precision}"] = out_dir / path.name
                 log.info("  %s: %d nodes, ops %s", path.name, len(proto.graph.node), " ".join(summary["ops"]))
     return written
 

@@ -437,8 +437,8 @@ class Trainer:
         self.batch_size = opts.batch_size if opts.batch_size is not None else self.config.train.batch_size
         if self.batch_size < 1:
             raise UsageError(f"the config's train.batch_size must be >= 1, got {self.batch_size}")
-        if opts.data and not state_meta:
-            opts.data = str(Path(opts.data).resolve())  # stored in checkpoints: --resume works from anywhere
+        if opts.data:
+            opts.data = str(Path(opts.data).absolute())  # stored in checkpoints: --resume works from anywhere
         self.amp = resolve_amp(opts.amp, self.device)
         self.fused = self.device.type == "cuda" if opts.fused is None else bool(opts.fused)
         self._dataset = dataset
@@ -713,7 +713,8 @@ class Trainer:
                         try:
                             self.save()
                             self.log(f"saved a checkpoint at step {self.step} before stopping on the error "
-                                     f"below; continue with --resume {self.run_dir}")
+                                     f"below; fix or remove that file, then --resume {self.run_dir} (a dataset "
+                                     "of another length is drawn in another order)")
                         except Exception as save_error:  # the loader's error is the one to report
                             self.log(f"warning: could not save a checkpoint ({save_error})")
                     raise
