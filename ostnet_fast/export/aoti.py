@@ -57,7 +57,7 @@ def export_aoti(model, config, out_dir: str | Path, device: str = "cuda", max_ba
                 program = torch.export.export(module, args, dynamic_shapes=dynamic)
                 path = torch._inductor.aoti_compile_and_package(program, package_path=str(stage / f"{name}.pt2"))
             written[name] = out / Path(path).name
-            log.info("compiled %s in %.1f s", path, time.perf_counter() - t0)
+            log.info("compiled %s in %.1f s", written[name], time.perf_counter() - t0)
         write_json(stage / "aoti.json", {
             "format": "ostnet-fast-aoti", "version": __version__, "torch": torch.__version__, "device": device,
             "image_size": size, "max_batch": max_batch,
