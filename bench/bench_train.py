@@ -36,7 +36,6 @@ from ostnet_fast.train.trainer import (autocast_context, build_optimizer, cuda_g
                                        optimizer_update, prepare_batch, resolve_amp, train_step)
 
 MODES = ("reference", "compile", "compile-ro", "fused", "reference+graphs", "fused+graphs", "fused+graphs+cl")
-DEFAULT_MODES = MODES
 
 
 def build(mode: str, config, device, vgg, amp: str):
@@ -82,7 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--size", type=int, default=None, help="image size (default: the config's)")
     ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
-    ap.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma list of {MODES}")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma list of {MODES}")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--iters", type=int, default=None)

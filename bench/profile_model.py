@@ -64,8 +64,9 @@ def main(argv=None) -> int:
     for h in hooks:
         h.remove()
     events = prof.key_averages()
-    kernels = sum(e.device_time_total for e in kernel_events(events))
-    launches = sum(e.count for e in kernel_events(events))
+    gpu = kernel_events(events)
+    kernels = sum(e.device_time_total for e in gpu)
+    launches = sum(e.count for e in gpu)
     print(f"GPU kernel time per frame-batch: {kernels / 10 / 1000:.3f} ms over {launches / 10:.0f} kernels")
     for e in events:
         if e.key.startswith("stage::"):

@@ -58,10 +58,6 @@ class GraphedTrainStep:
         self._outputs: tuple | None = None
         self._lrs: list | None = None
 
-    @property
-    def graphed(self) -> bool:
-        return self._graph is not None
-
     def _eager(self, inputs: tuple) -> tuple:
         self.optimizer.zero_grad(set_to_none=True)
         self.eager_steps += 1
@@ -109,11 +105,10 @@ class GraphedTrainStep:
                 self._graph, self._outputs = None, None
                 torch.cuda.synchronize()
                 self.say(f"CUDA graph capture of the training step failed ({self.failed}); "
-                                 "training on without graphs (--no-cuda-graphs hides this message)")
+                         "training on without graphs (--no-cuda-graphs hides this message)")
                 return self._eager(inputs)
         for static, new in zip(self._inputs, inputs):
             static.copy_(new, non_blocking=True)
         self._graph.replay()
         self.replays += 1
         return self._outputs
-
