@@ -54,6 +54,7 @@ class OSTNet(nn.Module):
         if not isinstance(config, ModelConfig):
             config = load_config(config).model
         self.config = config
+        self.size_multiple = size_multiple(config)  # image sides must be multiples of this
         c = config
         self.kp_detector = KPDetector(num_kp=c.num_kp, num_channels=c.num_channels,
                                       estimate_jacobian=c.estimate_jacobian, **vars(c.kp_detector))
@@ -78,9 +79,13 @@ class OSTNet(nn.Module):
             raise ValueError(f"{name} must be (B, {c}, H, W) in [0, 1], got {tuple(image.shape)}")
         if image.shape[-1] < 16 or image.shape[-2] < 16:
             raise ValueError(f"{name} is too small: {tuple(image.shape)}, need at least 16x16")
-        m = size_multiple(self.config)
-        if image.shape[-1] % m or image.shape[-2] % m:
-            raise ValueError(f"{name} is {image.shape[-2]}x{image.shape[-1]}: this model runs at sides that are "
+        self.check_size(image.shape[-2], image.shape[-1], name)
+
+    def check_size(self, height: int, width: int, name: str = "size") -> None:
+        """Refuse sides the model cannot run at (ValueError): the down-sampling paths must halve evenly."""
+        m = self.size_multiple
+        if height % m or width % m:
+            raise ValueError(f"{name} is {height}x{width}: this model runs at sides that are "
                              f"multiples of {m} (e.g. {m * max(1, round(self.config.image_size / m))})")
 
     def encode_source(self, source: torch.Tensor) -> SourceState:

@@ -344,7 +344,7 @@ class Reenactor:
         if self.size < 16:
             raise ValueError(f"size must be >= 16, got {self.size}")
         if engine is None or backend not in ("onnxruntime", "tensorrt"):  # else: the graphs' size rules, below
-            self.model.check_image(torch.zeros(1, self.model.config.num_channels, self.size, self.size), "size")
+            self.model.check_size(self.size, self.size)
         if engine is not None and backend in ("onnxruntime", "tensorrt"):
             # The graphs carry their own weights: judge those (after the backend loads its sidecars), not
             # the PyTorch model built here only for its config.
