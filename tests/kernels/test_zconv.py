@@ -122,15 +122,18 @@ def _check_against_reference(shape, mode, with_zb, training, dtype=torch.float64
     return out
 
 
+# Every shape in every mode, except the single row pooled 2x2: no such block exists (avg_pool2d(2) needs
+# H, W >= 2, in the reference too).
+SHAPE_MODES = [(shape, mode) for shape in SHAPES for mode in ("same", "down", "up")
+               if not (mode == "down" and min(shape[3:]) < 2)]
+
+
 @triton_run
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("mode", ["same", "down", "up"])
+@pytest.mark.parametrize("shape, mode", SHAPE_MODES)
 @pytest.mark.parametrize("with_zb", [True, False])
 @pytest.mark.parametrize("training", [True, False])
 def test_matches_reference_float64(shape, mode, with_zb, training, poisoned):
     torch.manual_seed(0)
-    if mode == "down" and min(shape[3:]) < 2:
-        pytest.skip("avg_pool2d(2) needs H, W >= 2")
     _check_against_reference(shape, mode, with_zb, training)
 
 
