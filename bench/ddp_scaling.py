@@ -9,8 +9,9 @@ log (the median after the first logged rows, which hold start-up), checks that t
 identical weights on all ranks, and resumes the N-process run's checkpoint on one process for a few steps.
 Writes DIR/ddp_scaling.json: samples/s for 1 and N, scaling efficiency = sps_N / (N x sps_1).
 
-Both runs step eagerly: under DDP the trainer does not replay CUDA graphs yet, so the one-process run
-passes --no-cuda-graphs to compare like with like (bench_train.py has the graph numbers).
+Both runs step as `ostnet-fast train` does by default on GPUs: replayed from a CUDA graph (under torchrun the
+graph holds one all-reduce of the gradients); `--no-cuda-graphs` measures both eagerly (N processes then
+run under DDP, which overlaps its all-reduces with the backward).
 """
 from __future__ import annotations
 
@@ -75,6 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--timeout", type=float, default=900, help="seconds per trainer run")
     ap.add_argument("--no-fused", action="store_true", help="train with the reference ops")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="both runs eager (N processes under DDP)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if (out / "runs").exists():
@@ -90,10 +92,10 @@ def main(argv=None) -> int:
             return 2
     train_clip, _ = split_clip(out)
     args.train_data = train_clip.parent
-    extra = ["--no-fused"] if args.no_fused else []
+    extra = ["--no-fused"] * args.no_fused + ["--no-cuda-graphs"] * args.no_cuda_graphs
     single, multi = out / "runs" / "gpus1", out / "runs" / f"gpus{args.nproc}"
     single.parent.mkdir(parents=True)
-    code1, s1 = train(single, 1, args, args.steps, extra + ["--no-cuda-graphs"] * (args.device == "cuda"))
+    code1, s1 = train(single, 1, args, args.steps, extra)
     code_n, sn = train(multi, args.nproc, args, args.steps, extra)
     log_n = (multi.parent / f"{multi.name}.log").read_text(errors="replace")
     identical = f"identical on all {args.nproc} ranks" in log_n
@@ -104,6 +106,7 @@ def main(argv=None) -> int:
     result = {
         "device": args.device, "nproc": args.nproc, "steps": args.steps, "batch_per_process": args.batch_size,
         "config": args.config, "fused": args.device == "cuda" and not args.no_fused,
+        "cuda_graphs": args.device == "cuda" and not args.no_cuda_graphs,
         "exit_codes": {"1": code1, str(args.nproc): code_n, "resume_on_1": code_r},
         "seconds": {"1": round(s1, 1), str(args.nproc): round(sn, 1)},
         "samples_per_s": {"1": sps1, str(args.nproc): spsn},

@@ -130,6 +130,22 @@ def test_a_batch_of_another_shape_runs_eagerly():
     assert torch.isfinite(total) and step.eager_steps == 2 and step.replays == 1
 
 
+def test_a_released_graph_is_captured_again_on_the_next_step():
+    cfg, model, tm, opt, scaler, params = setup(True, capturable=True, amp="bf16")
+    update = functools.partial(optimizer_update, tm, opt, scaler,
+                               amp_ctx=autocast_context("bf16", torch.device("cuda"), cache_enabled=False),
+                               grad_clip=cfg.train.grad_clip, params=params)
+    step = GraphedTrainStep(update, opt, warmup=1, say=lambda m: None)
+    data = list(batches(cfg, 3))
+    step(data[0])
+    step(data[1])
+    assert step.captures == 1 and step.replays == 1
+    step.release()  # what the trainer does before destroy_process_group()
+    assert step._graph is None
+    total, _, _ = step(data[2])
+    assert torch.isfinite(total) and step.captures == 2 and step.replays == 2
+
+
 def test_trainer_replays_the_graph_and_writes_checkpoints(tmp_path, capsys):
     data = tiny_dataset(tmp_path / "data")
     trainer = run_training(options(config=tiny_config(num_repeats=8, num_epochs=2), data=str(data),

@@ -85,6 +85,14 @@ class GraphedTrainStep:
         self.captures += 1
         self.say(f"training step captured in a CUDA graph in {time.perf_counter() - t0:.1f} s ({why})")
 
+    def release(self) -> None:
+        """Drop the captured graph (the next call captures again). Under torchrun this must happen before
+        destroy_process_group(): a graph holding a captured all-reduce keeps the communicator from being
+        destroyed, and the process never exits (pytorch/pytorch#115388)."""
+        if self._graph is not None:
+            torch.cuda.synchronize()
+        self._graph, self._outputs = None, None
+
     def __call__(self, inputs: tuple) -> tuple:
         if self.failed is not None:
             return self._eager(inputs)
