@@ -10,7 +10,10 @@ with a GradScaler), batch 8 at 256x256 by default. VGG weights are random (same 
 Modes: reference (eager), compile (torch.compile of the reference, default mode), compile-ro (the same with
 mode="reduce-overhead": CUDA graphs of forward and backward, Adam eager), fused (our kernels,
 eager), reference+graphs / fused+graphs (the whole step replayed from a CUDA graph), fused+graphs+cl (and
-channels-last model, VGG and images: what `ostnet-fast train` runs on a GPU by default).
+channels-last model, VGG and images: what `ostnet-fast train` runs on a GPU by default); compile-ro+cl
+(the baseline in channels-last too), compile+graphs+cl (default-mode torch.compile of the reference, the whole
+step, Adam included, in our CUDA graph). Our Triton kernels fall back to the reference under torch.compile,
+so there is no fused+compile mode.
 
 Timing: CUDA events around each step after warm-up, median of `--iters` steps (wall clock with a
 synchronize on CPU). Random inputs. A mode that fails (e.g. torch.compile) records its error string
@@ -35,28 +38,31 @@ from ostnet_fast.train.graphed import GraphedTrainStep  # noqa: E402
 from ostnet_fast.train.trainer import (autocast_context, build_optimizer, cuda_graphs_unavailable,  # noqa: E402
                                        optimizer_update, prepare_batch, resolve_amp, train_step)
 
-MODES = ("reference", "compile", "compile-ro", "fused", "reference+graphs", "fused+graphs", "fused+graphs+cl")
+MODES = ("reference", "compile", "compile-ro", "compile-ro+cl", "fused", "reference+graphs", "fused+graphs",
+         "fused+graphs+cl", "compile+graphs+cl")
 
 
 def build(mode: str, config, device, vgg, amp: str):
-    """mode = base[+graphs][+cl]: base reference | compile | fused; +graphs: the step replayed from a CUDA
-    graph (what `ostnet-fast train` does on a GPU); +cl: model, VGG and images in channels-last."""
+    """mode = base[+graphs][+cl]: base reference | compile (of the reference) | compile-ro | fused; +graphs: the whole step replayed from a CUDA graph (what
+    `ostnet-fast train` does on a GPU); +cl: model, VGG and images in channels-last."""
     base, *flags = mode.split("+")
     torch.manual_seed(0)
     model = OSTNet(config.model, fused=base == "fused").to(device).train()
     tm = TrainingModel(model, config.train, vgg).to(device)
     if "cl" in flags:
         tm = tm.to(memory_format=torch.channels_last)
-    if base.startswith("compile"):  # -ro: mode="reduce-overhead", compile's own CUDA graphs (forward + backward)
+    graphs = "graphs" in flags
+    if base == "compile-ro" and graphs:
+        raise ValueError("compile-ro replays its own CUDA graphs: no +graphs")
+    if base.startswith("compile"):  # -ro: compile's own CUDA graphs (forward + backward)
         module = torch.compile(tm, mode="reduce-overhead" if base == "compile-ro" else "default")
     else:
         module = tm
-    graphs = "graphs" in flags
     optimizer, _ = build_optimizer(model, config, capturable=graphs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     params = list(model.parameters())
     if graphs:
-        why = cuda_graphs_unavailable(device, amp, distributed=False, compile=base.startswith("compile"))
+        why = cuda_graphs_unavailable(device, amp)
         if why:
             raise RuntimeError(why)
         update = functools.partial(optimizer_update, module, optimizer, scaler,
