@@ -12,8 +12,8 @@ mode="reduce-overhead": CUDA graphs of forward and backward, Adam eager), fused 
 eager), reference+graphs / fused+graphs (the whole step replayed from a CUDA graph), fused+graphs+cl (and
 channels-last model, VGG and images: what `ostnet-fast train` runs on a GPU by default); compile-ro+cl
 (the baseline in channels-last too), compile+graphs+cl (default-mode torch.compile of the reference, the whole
-step, Adam included, in our CUDA graph). Our Triton kernels fall back to the reference under torch.compile,
-so there is no fused+compile mode.
+step, Adam included, in our CUDA graph). Under torch.compile the fused model normally takes the reference
+ops; fused+compile+graphs+cl lets dynamo trace the Triton kernels instead (an experiment, not yet run on a GPU).
 
 Timing: CUDA events around each step after warm-up, median of `--iters` steps (wall clock with a
 synchronize on CPU). Random inputs. A mode that fails (e.g. torch.compile) records its error string
@@ -33,17 +33,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import out_dir, peak_memory_mib, print_table, time_ms, write_json  # noqa: E402
 
 from ostnet_fast import OSTNet, load_config  # noqa: E402
+from ostnet_fast.kernels import _dispatch  # noqa: E402
 from ostnet_fast.train.losses import TrainingModel, load_vgg19  # noqa: E402
 from ostnet_fast.train.graphed import GraphedTrainStep  # noqa: E402
 from ostnet_fast.train.trainer import (autocast_context, build_optimizer, cuda_graphs_unavailable,  # noqa: E402
                                        optimizer_update, prepare_batch, resolve_amp, train_step)
 
 MODES = ("reference", "compile", "compile-ro", "compile-ro+cl", "fused", "reference+graphs", "fused+graphs",
-         "fused+graphs+cl", "compile+graphs+cl")
+         "fused+graphs+cl", "compile+graphs+cl", "fused+compile+graphs+cl")
 
 
 def build(mode: str, config, device, vgg, amp: str):
-    """mode = base[+graphs][+cl]: base reference | compile (of the reference) | compile-ro | fused; +graphs: the whole step replayed from a CUDA graph (what
+    """mode = base[+compile][+graphs][+cl]: base reference | compile (of the reference) | compile-ro | fused;
+    +compile: the fused model inside default-mode torch.compile, dynamo tracing our kernels; +graphs: the whole step replayed from a CUDA graph (what
     `ostnet-fast train` does on a GPU); +cl: model, VGG and images in channels-last."""
     base, *flags = mode.split("+")
     torch.manual_seed(0)
@@ -54,7 +56,7 @@ def build(mode: str, config, device, vgg, amp: str):
     graphs = "graphs" in flags
     if base == "compile-ro" and graphs:
         raise ValueError("compile-ro replays its own CUDA graphs: no +graphs")
-    if base.startswith("compile"):  # -ro: compile's own CUDA graphs (forward + backward)
+    if base.startswith("compile") or "compile" in flags:  # -ro: compile's own CUDA graphs (forward + backward)
         module = torch.compile(tm, mode="reduce-overhead" if base == "compile-ro" else "default")
     else:
         module = tm
@@ -119,6 +121,8 @@ def main(argv=None) -> int:
     for mode in modes:
         row = {"mode": mode, "batch": args.batch_size, "size": size, "amp": amp}
         try:
+            _dispatch.triton_under_compile = "compile" in mode.split("+")[1:]
+            torch._dynamo.reset()  # each compiled mode starts from a clean cache (and recompile budget)
             step = build(mode, config, device, vgg, amp)
             mode_inputs = layout(inputs, mode)
             step(mode_inputs)  # first call: compiles / autotunes; errors surface here

@@ -15,6 +15,9 @@ import torch
 
 log = logging.getLogger("ostnet_fast.kernels")
 IMPLS = ("auto", "reference", "triton")
+# Experiment, off: let dynamo trace the Triton kernels' launches instead of taking the reference while it
+# compiles (bench_train.py's fused+compile mode sets it). Not yet run on a GPU: it may graph-break or fail.
+triton_under_compile = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,7 +59,7 @@ def use_triton(op: str, impl: str, *tensors: torch.Tensor | None) -> bool:
     # auto
     if torch.onnx.is_in_onnx_export():
         return False
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not triton_under_compile:
         _log_fallback_once(op, "traced by torch.compile")
         return False
     if not on_cuda:
