@@ -100,13 +100,14 @@ def main(argv=None) -> int:
     log_n = (multi.parent / f"{multi.name}.log").read_text(errors="replace")
     identical = f"identical on all {args.nproc} ranks" in log_n
     # Rank 0's checkpoint goes on in one process.
-    code_r, _ = train(multi, 1, args, args.steps + 2 * args.log_every, [], resume=True)
+    code_r, _ = train(multi, 1, args, args.steps + 2 * args.log_every, extra, resume=True)
     resumed = json.loads((multi / "latest.json").read_text())["step"] if (multi / "latest.json").exists() else None
     sps1, spsn = throughput(single), throughput(multi)
     result = {
         "device": args.device, "nproc": args.nproc, "steps": args.steps, "batch_per_process": args.batch_size,
         "config": args.config, "fused": args.device == "cuda" and not args.no_fused,
-        "cuda_graphs": args.device == "cuda" and not args.no_cuda_graphs,
+        # What the multi-process run did, from its log (graphs can be unavailable, or fail to capture).
+        "cuda_graphs": "replayed from a CUDA graph" in log_n and "capture of the training step failed" not in log_n,
         "exit_codes": {"1": code1, str(args.nproc): code_n, "resume_on_1": code_r},
         "seconds": {"1": round(s1, 1), str(args.nproc): round(sn, 1)},
         "samples_per_s": {"1": sps1, str(args.nproc): spsn},

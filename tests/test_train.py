@@ -230,11 +230,34 @@ def _ddp_worker(rank, world, port, data, out, result_dir):
     dist.destroy_process_group()
 
 
+def _manual_sync_worker(rank, world, port, data, out, result_dir):
+    """The torchrun path of the graphed step (rank 0's state broadcast, gradients averaged by
+    average_gradients, no DDP wrapper), here without graphs: gloo cannot capture."""
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    trainer = Trainer(options(config=tiny_config(num_repeats=4), data=data, out=out, max_steps=3))
+    trainer.force_manual_grad_sync = True
+    trainer.run()
+    assert not isinstance(trainer.step_model, torch.nn.parallel.DistributedDataParallel)
+    torch.save({"state": {n: p.detach().clone() for n, p in trainer.model.named_parameters()}},
+               Path(result_dir) / f"manual{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def test_ddp_two_processes_gloo(tmp_path):
     import torch.multiprocessing as mp
     data = tiny_dataset(tmp_path / "data")
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(data), str(tmp_path / "run"), str(tmp_path)), nprocs=2)
+    mp.spawn(_manual_sync_worker, args=(2, _free_port(), str(data), str(tmp_path / "manual"), str(tmp_path)),
+             nprocs=2)
+    m0, m1 = (torch.load(tmp_path / f"manual{r}.pt", weights_only=True) for r in (0, 1))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    # The graphed step's synchronisation trains exactly as DDP: same weights on both ranks, and DDP's.
+    assert_same_tensors(m0["state"], m1["state"], "manual sync: parameters across ranks")
+    assert_same_tensors(m0["state"], r0["state"], "manual sync vs DDP: parameters")
     assert not set(r0["seen"]) & set(r1["seen"])  # DistributedSampler: disjoint samples per rank
     assert not torch.equal(r0["loss"], r1["loss"])  # different data on each rank ...
     assert_same_tensors(r0["grads"], r1["grads"], "gradients")  # ... the same averaged gradients
@@ -413,6 +436,24 @@ def test_compile_failure_is_a_clear_error(tmp_path, monkeypatch):
                                            r"without --compile"):
         run_training(options(config=tiny_config(), data=str(data), out=str(tmp_path / "run"), compile=True,
                              max_steps=1))
+
+
+def test_the_fused_training_model_compiles_as_one_graph():
+    """Under torch.compile the fused dispatch takes the reference ops without a graph break (a logger call
+    there broke the graph at every op and hit dynamo's recompile limit: `train --compile` ran in pieces)."""
+    torch._dynamo.reset()
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    tm = TrainingModel(OSTNet(cfg.model, fused=True).train(), cfg.train,
+                       load_vgg19(random_weights=True, width_divisor=4))
+    g = torch.Generator().manual_seed(0)
+    batch = {"source": torch.rand(2, 3, 64, 64, generator=g), "driving": torch.rand(2, 3, 64, 64, generator=g)}
+    inputs = prepare_batch(batch, g, cfg, torch.device("cpu"))
+    compiled = torch.compile(tm, backend="eager", fullgraph=True)  # fullgraph: any break raises
+    total, _ = compiled(*inputs)
+    total.backward()
+    assert torch.isfinite(total)
+    torch._dynamo.reset()
 
 
 def _cli(argv):

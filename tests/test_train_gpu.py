@@ -146,6 +146,21 @@ def test_a_released_graph_is_captured_again_on_the_next_step():
     assert torch.isfinite(total) and step.captures == 2 and step.replays == 2
 
 
+def test_a_capture_that_failed_on_another_rank_makes_this_one_eager_too():
+    cfg, model, tm, opt, scaler, params = setup(True, capturable=True, amp="bf16")
+    update = functools.partial(optimizer_update, tm, opt, scaler,
+                               amp_ctx=autocast_context("bf16", torch.device("cuda"), cache_enabled=False),
+                               grad_clip=cfg.train.grad_clip, params=params)
+    warned, votes = [], []
+    step = GraphedTrainStep(update, opt, warmup=1, say=lambda m: None, warn=warned.append,
+                            agree=lambda ok: votes.append(ok) or False)  # another rank said no
+    for inputs in batches(cfg, 3):
+        total, _, _ = step(inputs)
+    assert votes == [True]  # this rank's capture worked, and it asked once
+    assert step.failed == "it failed on another rank" and step._graph is None and step.replays == 0
+    assert step.eager_steps == 3 and torch.isfinite(total) and "another rank" in warned[0]
+
+
 def test_trainer_replays_the_graph_and_writes_checkpoints(tmp_path, capsys):
     data = tiny_dataset(tmp_path / "data")
     trainer = run_training(options(config=tiny_config(num_repeats=8, num_epochs=2), data=str(data),

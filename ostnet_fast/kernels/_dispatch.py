@@ -60,8 +60,7 @@ def use_triton(op: str, impl: str, *tensors: torch.Tensor | None) -> bool:
     if torch.onnx.is_in_onnx_export():
         return False
     if torch.compiler.is_compiling() and not triton_under_compile:
-        _log_fallback_once(op, "traced by torch.compile")
-        return False
+        return False  # no logging here: a logger call breaks dynamo's graph (one break per op call)
     if not on_cuda:
         return False
     if not triton_available():

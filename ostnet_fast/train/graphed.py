@@ -18,6 +18,7 @@ If capture fails, the step says why once and runs eagerly from then on: slower, 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -36,10 +37,15 @@ class GraphedTrainStep:
     from a CUDA graph. `update` must not synchronise with the host; `optimizer` must be capturable.
     Replays write the gradients into the graph's own buffers: after an eager step (a batch of another shape)
     `.grad` holds that step's gradients until the next capture, not the replays'. Read results from what
-    the step returns."""
+    the step returns.
+
+    Under torchrun every rank has its own step: `agree(ok)` (an all-reduce of "my capture worked", True
+    only if it worked everywhere) makes all ranks fall back together when one rank's capture fails, and
+    `warn` says why on the rank where it happened."""
 
     def __init__(self, update: Step, optimizer: torch.optim.Optimizer, warmup: int = 3,
-                 say: Callable[[str], None] | None = None):
+                 say: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None,
+                 agree: Callable[[bool], bool] | None = None):
         if warmup < 1:
             raise ValueError(f"GraphedTrainStep: warmup must be >= 1 eager step (kernels must be chosen and "
                              f"compiled before capture), got {warmup}")
@@ -48,7 +54,9 @@ class GraphedTrainStep:
                 raise ValueError("GraphedTrainStep: the optimizer must be built with capturable=True "
                                  "(its step count must live on the GPU)")
         self.update, self.optimizer, self.warmup = update, optimizer, warmup
-        self.say = say or log.warning  # capture and fallback messages
+        self.say = say or log.warning  # capture messages
+        self.warn = warn or self.say  # why capture failed
+        self.agree = agree
         self.eager_steps = 0
         self.captures = 0
         self.replays = 0
@@ -89,9 +97,13 @@ class GraphedTrainStep:
         """Drop the captured graph (the next call captures again). Under torchrun this must happen before
         destroy_process_group(): a graph holding a captured all-reduce keeps the communicator from being
         destroyed, and the process never exits (pytorch/pytorch#115388)."""
-        if self._graph is not None:
-            torch.cuda.synchronize()
-        self._graph, self._outputs = None, None
+        graph, self._graph, self._outputs = self._graph, None, None
+        if graph is not None:
+            # After a CUDA error this raises too: the graph is dropped already (CUDA frees an exec graph
+            # still running when it completes), so the caller's clean-up goes on.
+            with contextlib.suppress(RuntimeError):
+                torch.cuda.synchronize()
+        self._lrs = None
 
     def __call__(self, inputs: tuple) -> tuple:
         if self.failed is not None:
@@ -106,14 +118,20 @@ class GraphedTrainStep:
         if self._graph is not None and not self._shapes_match(inputs):
             return self._eager(inputs)  # another batch shape: not what was captured
         if self._graph is None or [group["lr"] for group in self.optimizer.param_groups] != self._lrs:
+            error = None
             try:
                 self._capture(inputs)
             except Exception as e:  # noqa: BLE001 -- any capture failure: say why, train on eagerly
-                self.failed = root_cause(e)
+                error = root_cause(e)
                 self._graph, self._outputs = None, None
                 torch.cuda.synchronize()
-                self.say(f"CUDA graph capture of the training step failed ({self.failed}); "
-                         "training on without graphs (--no-cuda-graphs hides this message)")
+            if self.agree is not None and not self.agree(error is None) and error is None:
+                error = "it failed on another rank"
+                self._graph, self._outputs = None, None
+            if error is not None:
+                self.failed = error
+                self.warn(f"CUDA graph capture of the training step failed ({error}); "
+                          "training on without graphs (--no-cuda-graphs hides this message)")
                 return self._eager(inputs)
         for static, new in zip(self._inputs, inputs):
             static.copy_(new, non_blocking=True)

@@ -237,8 +237,13 @@ def prepare_batch(batch: dict, step_gen: torch.Generator, config: Config, device
 
 def average_gradients(params: list[torch.Tensor], world_size: int) -> None:
     """Average .grad over the ranks, as DDP does (divide, then sum), with one all-reduce of one flat buffer.
-    Plain tensor ops and one collective, so a CUDA graph can capture it: DDP's per-bucket hooks cannot be."""
-    grads = [p.grad for p in params if p.grad is not None]  # the same list on every rank: one model, one code path
+    Plain tensor ops and one collective, so a CUDA graph can capture it: DDP's per-bucket hooks cannot be.
+    A parameter without a gradient on this rank contributes zeros (DDP's find_unused_parameters), so every
+    rank sends a buffer of the same size whatever its batch touched."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads]).div_(world_size)
     dist.all_reduce(flat)
     for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
@@ -268,9 +273,10 @@ def optimizer_update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               inputs: tuple, amp_ctx, grad_clip: float | None, params: list[torch.Tensor]):
+               inputs: tuple, amp_ctx, grad_clip: float | None, params: list[torch.Tensor],
+               grad_sync: Callable[[], None] | None = None):
     """One optimizer step, eagerly. -> (total, {name: term}, grad_norm), detached tensors."""
-    out = optimizer_update(model, optimizer, scaler, inputs, amp_ctx, grad_clip, params)
+    out = optimizer_update(model, optimizer, scaler, inputs, amp_ctx, grad_clip, params, grad_sync)
     optimizer.zero_grad(set_to_none=True)
     return out
 
@@ -485,6 +491,8 @@ class Trainer:
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(str(e)) from None
 
+    force_manual_grad_sync = False  # tests: average gradients by hand (as the graphed step) without graphs
+
     def log(self, msg: str) -> None:
         if self.env.master:
             if getattr(self, "_pbar", None) is not None:
@@ -573,14 +581,14 @@ class Trainer:
         module = self.training_model
         if opts.compile:
             module = torch.compile(module)
-        grad_sync = None
-        if env.enabled and self.cuda_graphs:
+        self.grad_sync = None
+        if env.enabled and (self.cuda_graphs or self.force_manual_grad_sync):
             # DDP's hooks run host code per gradient bucket, which a graph cannot replay: the graphed step
             # averages the gradients itself (one captured all-reduce). DDP's start, by hand: rank 0's state.
             with torch.no_grad():
                 for t in [*self.training_model.parameters(), *self.training_model.buffers()]:
                     dist.broadcast(t, src=0)
-            grad_sync = functools.partial(average_gradients, self.params, env.world_size)
+            self.grad_sync = functools.partial(average_gradients, self.params, env.world_size)
         elif env.enabled:
             module = torch.nn.parallel.DistributedDataParallel(
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -592,8 +600,9 @@ class Trainer:
             update = functools.partial(optimizer_update, self.step_model, self.optimizer, self.scaler,
                                        amp_ctx=autocast_context(self.amp, self.device, cache_enabled=False),
                                        grad_clip=self.config.train.grad_clip, params=self.params,
-                                       grad_sync=grad_sync)
-            self._graphed = GraphedTrainStep(update, self.optimizer, say=self.log)
+                                       grad_sync=self.grad_sync)
+            self._graphed = GraphedTrainStep(update, self.optimizer, say=self.log, warn=self._warn_every_rank,
+                                             agree=self._ok_on_every_rank if env.enabled else None)
 
     # -- files --------------------------------------------------------------------------------------
     def save(self) -> Path | None:
@@ -687,7 +696,7 @@ class Trainer:
         if self._graphed is not None:
             return self._graphed(inputs)
         return train_step(self.step_model, self.optimizer, self.scaler, inputs, self.amp_ctx,
-                          self.config.train.grad_clip, self.params)
+                          self.config.train.grad_clip, self.params, self.grad_sync)
 
     def _first_step(self, inputs):
         try:
@@ -763,7 +772,12 @@ class Trainer:
                 steps_since += 1
                 if self._pbar is not None:
                     self._pbar.update(1)
-                if self.step % max(1, self.opts.log_every) == 0 or self.step == 1:
+                log_now = self.step % max(1, self.opts.log_every) == 0 or self.step == 1
+                # Before the log's .item() calls: under torchrun a rank that stalls leaves the others waiting
+                # in this step's all-reduce. Inside a CUDA graph no watchdog times that out; the stop check's
+                # own all-reduce is watched (NCCL timeout), so it comes first and a stall ends in an error.
+                stop = self._sync_stop(force=self.batch_in_epoch == 0 or log_now)
+                if log_now:
                     now = time.perf_counter()
                     rate = steps_since * self.batch_size * self.env.world_size / max(now - t_last, 1e-9)
                     row = {"step": self.step, "epoch": epoch, "lr": lr,
@@ -776,7 +790,7 @@ class Trainer:
                     t_last, steps_since = now, 0
                 if self.step % max(1, self.opts.save_every) == 0:
                     self.save()
-                if self._sync_stop(force=self.batch_in_epoch == 0):
+                if stop:
                     stopped = True
                     break
             self.save()
@@ -802,6 +816,19 @@ class Trainer:
                 shutdown()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _warn_every_rank(self, msg: str) -> None:
+        """A message from any rank (log() prints rank 0's only): what went wrong on this one."""
+        if self.env.master:
+            self.log(msg)
+        else:
+            print(f"rank {self.env.rank}: {msg}", file=sys.stderr, flush=True)
+
+    def _ok_on_every_rank(self, ok: bool) -> bool:
+        """True on every rank if `ok` is True on every rank (an all-reduce: all ranks call it together)."""
+        flag = torch.tensor([1.0 if ok else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def _check_ranks_agree(self) -> bool:
         """DDP keeps one model on every rank: compare per-parameter float64 sums across ranks, exactly."""
