@@ -1,6 +1,7 @@
 """Whole-model benchmark: one reenactment frame with the source cached (OSTNet.animate), batch 1 and 8,
 fp32 and fp16 (autocast): reference eager vs torch.compile of the reference (default and
-reduce-overhead = CUDA graphs) vs fused kernels vs fused + CUDA graphs. ms/frame, FPS, peak memory,
+reduce-overhead = CUDA graphs) vs fused kernels vs fused + CUDA graphs (also inside torch.compile, the
+kernels as custom ops). ms/frame, FPS, peak memory,
 ratios to reference eager and to the best torch.compile, and fused-vs-reference output difference.
 
     python bench/bench_model.py [--out DIR] [--config ostnet-vox-256] [--quick] [--no-compile]
@@ -77,9 +78,12 @@ def main(argv=None) -> int:
                     variants[name] = ("compile", mode)
             variants["fused eager"] = make_step(fused, fused_state, dtype)
             variants["fused + CUDA graphs"] = ("graph", fused, fused_state)
+            # The fused kernels as custom ops inside torch.compile: inductor compiles the code between them.
+            variants["fused compile + CUDA graphs"] = ("graph", fused, fused_state, "compile")
             if fused_cl is not None:
                 variants["fused channels-last"] = make_step(fused_cl, cl_state, dtype)
                 variants["fused channels-last + CUDA graphs"] = ("graph", fused_cl, cl_state)
+                variants["fused channels-last compile + CUDA graphs"] = ("graph", fused_cl, cl_state, "compile")
             variants = {k: v for k, v in variants.items() if not wanted or k in wanted or k == "reference eager"}
             base_ms = None
             best_compile_ms = None
@@ -90,7 +94,12 @@ def main(argv=None) -> int:
                     t0 = time.perf_counter()
                     if isinstance(fn, tuple) and fn[0] == "graph":
                         x = cl(driving) if fn[1] is fused_cl else driving
-                        graphed = GraphedStep(make_step(fn[1], fn[2], dtype), (x,))
+                        step = make_step(fn[1], fn[2], dtype)
+                        if fn[3:] == ("compile",):
+                            torch._dynamo.reset()
+                            step = torch.compile(step)
+                            step(x)  # compiles before the capture
+                        graphed = GraphedStep(step, (x,))
                         fn = lambda d, g=graphed: g(d)  # copied into the graph's (channels-last) input buffer
                     elif isinstance(fn, tuple):
                         torch._dynamo.reset()

@@ -12,8 +12,8 @@ mode="reduce-overhead": CUDA graphs of forward and backward, Adam eager), fused 
 eager), reference+graphs / fused+graphs (the whole step replayed from a CUDA graph), fused+graphs+cl (and
 channels-last model, VGG and images: what `ostnet-fast train` runs on a GPU by default); compile-ro+cl
 (the baseline in channels-last too), compile+graphs+cl (default-mode torch.compile of the reference, the whole
-step, Adam included, in our CUDA graph). Under torch.compile the fused model normally takes the reference
-ops; fused+compile+graphs+cl lets dynamo trace the Triton kernels instead (an experiment, not yet run on a GPU).
+step, Adam included, in our CUDA graph); fused+compile+graphs+cl: the fused model compiled, the kernels that
+have a custom-op form (torch.ops.ostnet.*) called from inductor's code, the others as the reference.
 
 Timing: CUDA events around each step after warm-up, median of `--iters` steps (wall clock with a
 synchronize on CPU). Random inputs. A mode that fails (e.g. torch.compile) records its error string
@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import out_dir, peak_memory_mib, print_table, time_ms, write_json  # noqa: E402
 
 from ostnet_fast import OSTNet, load_config  # noqa: E402
-from ostnet_fast.kernels import _dispatch  # noqa: E402
 from ostnet_fast.train.losses import TrainingModel, load_vgg19  # noqa: E402
 from ostnet_fast.train.graphed import GraphedTrainStep  # noqa: E402
 from ostnet_fast.train.trainer import (autocast_context, build_optimizer, cuda_graphs_unavailable,  # noqa: E402
@@ -45,7 +44,7 @@ MODES = ("reference", "compile", "compile-ro", "compile-ro+cl", "fused", "refere
 
 def build(mode: str, config, device, vgg, amp: str):
     """mode = base[+compile][+graphs][+cl]: base reference | compile (of the reference) | compile-ro | fused;
-    +compile: the fused model inside default-mode torch.compile, dynamo tracing our kernels; +graphs: the whole step replayed from a CUDA graph (what
+    +compile: the fused model inside default-mode torch.compile (our kernels as opaque custom ops); +graphs: the whole step replayed from a CUDA graph (what
     `ostnet-fast train` does on a GPU); +cl: model, VGG and images in channels-last."""
     base, *flags = mode.split("+")
     torch.manual_seed(0)
@@ -121,7 +120,6 @@ def main(argv=None) -> int:
     for mode in modes:
         row = {"mode": mode, "batch": args.batch_size, "size": size, "amp": amp}
         try:
-            _dispatch.triton_under_compile = "compile" in mode.split("+")[1:]
             torch._dynamo.reset()  # each compiled mode starts from a clean cache (and recompile budget)
             step = build(mode, config, device, vgg, amp)
             mode_inputs = layout(inputs, mode)

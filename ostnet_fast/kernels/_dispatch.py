@@ -1,8 +1,9 @@
 """One switch for the implementation of every fused op.
 
 `impl="auto"` takes the Triton kernel on CUDA tensors and the pure-PyTorch reference otherwise:
-off CUDA, under `torch.onnx.is_in_onnx_export()`, while dynamo traces, or with `OSTNET_IMPL=reference`
-in the environment. `impl="triton"` forces the kernel (on CPU only under `TRITON_INTERPRET=1`, which the
+off CUDA, under `torch.onnx.is_in_onnx_export()`, while dynamo traces an op that has no custom-op form
+(`compilable=False`; the others enter the compiled graph as opaque `torch.ops.ostnet.*` calls), or with
+`OSTNET_IMPL=reference` in the environment. `impl="triton"` forces the kernel (on CPU only under `TRITON_INTERPRET=1`, which the
 tests use); a forced kernel that cannot run raises, it never falls back silently.
 """
 from __future__ import annotations
@@ -13,20 +14,14 @@ import os
 
 import torch
 
+from . import _triton_utils
+
 log = logging.getLogger("ostnet_fast.kernels")
 IMPLS = ("auto", "reference", "triton")
-# Experiment, off: let dynamo trace the Triton kernels' launches instead of taking the reference while it
-# compiles (bench_train.py's fused+compile mode sets it). Not yet run on a GPU: it may graph-break or fail.
-triton_under_compile = False
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        return True
-    except Exception:  # pragma: no cover - depends on the machine
-        return False
+    return _triton_utils.HAS_TRITON  # a plain attribute: dynamo traces it without a cache wrapper
 
 
 def interpreting() -> bool:
@@ -38,7 +33,7 @@ def _log_fallback_once(op: str, why: str) -> None:
     log.info("%s: using the PyTorch reference (%s)", op, why)
 
 
-def use_triton(op: str, impl: str, *tensors: torch.Tensor | None) -> bool:
+def use_triton(op: str, impl: str, *tensors: torch.Tensor | None, compilable: bool = False) -> bool:
     """Decide whether `op` runs its Triton kernel for these tensors."""
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
@@ -51,6 +46,9 @@ def use_triton(op: str, impl: str, *tensors: torch.Tensor | None) -> bool:
     present = [t for t in tensors if t is not None]
     on_cuda = all(t.is_cuda for t in present)
     if impl == "triton":
+        if torch.compiler.is_compiling() and not compilable:
+            raise RuntimeError(f"{op}: impl='triton' has no torch.compile form (custom op) yet: use impl='auto', "
+                               "which takes the reference while compiling")
         if not triton_available():
             raise RuntimeError(f"{op}: impl='triton' but triton is not installed (pip install triton)")
         if not on_cuda and not interpreting():
@@ -59,7 +57,7 @@ def use_triton(op: str, impl: str, *tensors: torch.Tensor | None) -> bool:
     # auto
     if torch.onnx.is_in_onnx_export():
         return False
-    if torch.compiler.is_compiling() and not triton_under_compile:
+    if torch.compiler.is_compiling() and not compilable:
         return False  # no logging here: a logger call breaks dynamo's graph (one break per op call)
     if not on_cuda:
         return False

@@ -765,6 +765,145 @@ class WarpOcclusionFn(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The kernels as custom ops, for torch.compile (see grid_sample.py). Optional inputs are None, outputs
+# that were not computed are empty tensors (an op returns tensors, never None or its own inputs).
+# ----------------------------------------------------------------------------------------------------
+
+def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0) if t is None else t.contiguous()
+
+
+@torch.library.custom_op("ostnet::dense_motion_front", mutates_args=())
+def _front_op(source: torch.Tensor, kp_source: torch.Tensor, kp_driving: torch.Tensor, jacobian: torch.Tensor | None,
+              kp_variance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _front_fwd(source, kp_source, kp_driving, jacobian, kp_variance)
+
+
+@_front_op.register_fake
+def _(source, kp_source, kp_driving, jacobian, kp_variance):
+    b, c, h, w = source.shape
+    k = kp_driving.shape[1]
+    mot_dtype = torch.promote_types(kp_source.dtype, kp_driving.dtype)
+    if jacobian is not None:
+        mot_dtype = torch.promote_types(mot_dtype, jacobian.dtype)
+    hg_dtype = torch.promote_types(source.dtype, kp_driving.dtype)
+    return (source.new_empty((b, (k + 1) * (c + 1), h, w), dtype=hg_dtype),
+            source.new_empty((b, k + 1, h, w, 2), dtype=mot_dtype))
+
+
+@torch.library.custom_op("ostnet::dense_motion_front_backward", mutates_args=())
+def _front_backward_op(g_hg: torch.Tensor | None, g_mot: torch.Tensor | None, source: torch.Tensor,
+                       kp_source: torch.Tensor, kp_driving: torch.Tensor, jacobian: torch.Tensor | None,
+                       kp_variance: float, need_src: bool, need_kp: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g_src, g_kps, g_kpd, g_jac = _front_bwd(g_hg, g_mot, source, kp_source, kp_driving, jacobian, kp_variance,
+                                            need_src, need_kp)
+    return (source.new_empty(0) if g_src is None else g_src, _or_empty(g_kps, kp_source),
+            _or_empty(g_kpd, kp_driving), _or_empty(g_jac, kp_driving))
+
+
+@_front_backward_op.register_fake
+def _(g_hg, g_mot, source, kp_source, kp_driving, jacobian, kp_variance, need_src, need_kp):
+    return (torch.empty_like(source) if need_src else source.new_empty(0),
+            kp_source.new_empty(kp_source.shape) if need_kp else kp_source.new_empty(0),
+            kp_driving.new_empty(kp_driving.shape) if need_kp else kp_driving.new_empty(0),
+            jacobian.new_empty(jacobian.shape) if need_kp and jacobian is not None else kp_driving.new_empty(0))
+
+
+def _front_setup(ctx, inputs, output):
+    source, kp_source, kp_driving, jacobian, kp_variance = inputs
+    ctx.save_for_backward(source, kp_source, kp_driving, jacobian)
+    ctx.kp_variance = kp_variance
+
+
+def _front_backward(ctx, g_hg, g_mot):
+    source, kp_source, kp_driving, jacobian = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_kp = need[1] or need[2] or need[3]
+    if not (need[0] or need_kp) or (g_hg is None and g_mot is None):
+        return None, None, None, None, None
+    g_src, g_kps, g_kpd, g_jac = _front_backward_op(g_hg, g_mot, source, kp_source, kp_driving, jacobian,
+                                                    ctx.kp_variance, need[0], need_kp)
+    return (g_src if need[0] else None, g_kps if need[1] else None, g_kpd if need[2] else None,
+            g_jac if need[3] else None, None)
+
+
+_front_op.register_autograd(_front_backward, setup_context=_front_setup)
+
+
+@torch.library.custom_op("ostnet::dense_motion_combine", mutates_args=())
+def _combine_op(mask_logits: torch.Tensor | None, motions: torch.Tensor | None, grid: torch.Tensor | None,
+                feature: torch.Tensor | None, occlusion: torch.Tensor | None, deform: bool,
+                sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """DEFORM: (mask_logits, motions) -> deformation; SAMPLE: feature at the deformation (or at `grid`) x
+    occlusion -> warped. -> (deformation or empty, warped or empty)."""
+    deformation, warped = _combine_fwd(mask_logits, motions, grid, feature, occlusion, deform, sample)
+    ref = mask_logits if deform else grid
+    return (deformation if deform else ref.new_empty(0)), (warped if sample else ref.new_empty(0))
+
+
+@_combine_op.register_fake
+def _(mask_logits, motions, grid, feature, occlusion, deform, sample):
+    if deform:
+        b, _, hp, wp = mask_logits.shape
+        deformation = mask_logits.new_empty((b, hp, wp, 2), dtype=torch.result_type(motions, mask_logits))
+    else:
+        b, hp, wp, _ = grid.shape
+        deformation = grid.new_empty(0)
+    if not sample:
+        return deformation, deformation.new_empty(0)
+    dtype = torch.result_type(feature, occlusion) if occlusion is not None else feature.dtype
+    fmt = torch.channels_last if _channels_last(feature) else torch.contiguous_format
+    return deformation, torch.empty((b, feature.shape[1], hp, wp), device=feature.device, dtype=dtype,
+                                    memory_format=fmt)
+
+
+@torch.library.custom_op("ostnet::dense_motion_combine_backward", mutates_args=())
+def _combine_backward_op(g_def: torch.Tensor | None, g_out: torch.Tensor | None, mask_logits: torch.Tensor | None,
+                         motions: torch.Tensor | None, grid: torch.Tensor | None, feature: torch.Tensor | None,
+                         occlusion: torch.Tensor | None, deform: bool, sample: bool, need_feat: bool,
+                         need_occ: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor]:
+    grads = _combine_bwd(g_def, g_out, mask_logits, motions, grid, feature, occlusion, deform, sample,
+                         need_feat, need_occ)
+    ref = mask_logits if deform else grid
+    return tuple(ref.new_empty(0) if g is None else g for g in grads)
+
+
+@_combine_backward_op.register_fake
+def _(g_def, g_out, mask_logits, motions, grid, feature, occlusion, deform, sample, need_feat, need_occ):
+    ref = mask_logits if deform else grid
+    sample = sample and g_out is not None
+    hp, wp = (mask_logits.shape[2:] if deform else grid.shape[1:3])
+    return (mask_logits.new_empty(mask_logits.shape) if deform else ref.new_empty(0),
+            motions.new_empty(motions.shape) if deform else ref.new_empty(0),
+            ref.new_empty(0) if deform else grid.new_empty(grid.shape),
+            torch.empty_like(feature) if need_feat and sample else ref.new_empty(0),
+            occlusion.new_empty((ref.shape[0], 1, hp, wp)) if need_occ and sample and occlusion is not None
+            else ref.new_empty(0))
+
+
+def _combine_setup(ctx, inputs, output):
+    *tensors, deform, sample = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.deform, ctx.sample = deform, sample
+
+
+def _combine_backward(ctx, g_def, g_out):
+    mask_logits, motions, grid, feature, occlusion = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if g_def is None and g_out is None:  # nothing flows back: zeros, not the kernel's unwritten buffers
+        return tuple(torch.zeros_like(t) if n and t is not None else None
+                     for t, n in zip(ctx.saved_tensors, need)) + (None, None)
+    grads = _combine_backward_op(g_def if ctx.deform else None, g_out if ctx.sample else None, mask_logits,
+                                 motions, grid, feature, occlusion, ctx.deform, ctx.sample, need[3], need[4])
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None, None)
+
+
+_combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Public dispatch
 # ----------------------------------------------------------------------------------------------------
 
@@ -787,11 +926,12 @@ def dense_motion_front(source, kp_source, kp_driving, jacobian, kp_variance: flo
     """source (B, C, h, w), kp_source / kp_driving (B, K, 2), jacobian (B, K, 2, 2) or None ->
     (hourglass input (B, (K+1)(C+1), h, w), sparse motions (B, K+1, h, w, 2))."""
     _check_front(source, kp_source, kp_driving, jacobian)
-    if use_triton("dense_motion_front", impl, source, kp_source, kp_driving, jacobian):
+    if use_triton("dense_motion_front", impl, source, kp_source, kp_driving, jacobian, compilable=True):
         if kp_variance <= 0:
             raise ValueError(f"dense_motion_front: kp_variance must be > 0, got {kp_variance}")
         source = _dense(source)
-        return DenseMotionFrontFn.apply(source, kp_source.contiguous(), kp_driving.contiguous(),
+        front = _front_op if torch.compiler.is_compiling() else DenseMotionFrontFn.apply
+        return front(source, kp_source.contiguous(), kp_driving.contiguous(),
                                         jacobian.contiguous() if jacobian is not None else None,
                                         float(kp_variance))
     return dense_motion_front_reference(source, kp_source, kp_driving, jacobian, kp_variance)
@@ -818,21 +958,29 @@ def dense_motion_combine(mask_logits, motions, feature, occlusion, impl: str = "
     """mask_logits (B, K+1, h, w), motions (B, K+1, h, w, 2), feature (B, C, H, W), occlusion (B, 1, h, w) or
     None -> (deformation (B, h, w, 2), warped feature (B, C, H, W))."""
     _check_combine(mask_logits, motions, feature, occlusion)
-    if use_triton("dense_motion_combine", impl, mask_logits, motions, feature, occlusion):
+    if use_triton("dense_motion_combine", impl, mask_logits, motions, feature, occlusion, compilable=True):
+        compiling = torch.compiler.is_compiling()
         mask_logits = _dense(mask_logits)
         motions = motions.contiguous()
         feature = _dense(feature)
         size = tuple(feature.shape[-2:])
         if tuple(mask_logits.shape[-2:]) == size:
             occ = _dense(occlusion) if occlusion is not None else None
+            if compiling:
+                return _combine_op(mask_logits, motions, None, feature, occ, True, True)
             return DenseMotionCombineFn.apply(mask_logits, motions, feature, occ)
         # Sizes differ: the deformation kernel, PyTorch's bilinear resize (align_corners=False, as the
         # reference), then the sampling kernel.
-        deformation = DeformationFn.apply(mask_logits, motions)  # (B, h, w, 2)
+        if compiling:
+            deformation = _combine_op(mask_logits, motions, None, None, None, True, False)[0]
+        else:
+            deformation = DeformationFn.apply(mask_logits, motions)  # (B, h, w, 2)
         grid = F.interpolate(deformation.permute(0, 3, 1, 2), size=size, mode="bilinear")
         grid = grid.permute(0, 2, 3, 1).contiguous()  # (B, Hf, Wf, 2)
         occ = None
         if occlusion is not None:
             occ = _dense(F.interpolate(occlusion, size=size, mode="bilinear"))  # (B, 1, Hf, Wf)
+        if compiling:
+            return deformation, _combine_op(None, None, grid, feature, occ, False, True)[1]
         return deformation, WarpOcclusionFn.apply(feature, grid, occ)
     return dense_motion_combine_reference(mask_logits, motions, feature, occlusion)

@@ -186,10 +186,52 @@ class GridSampleFn(torch.autograd.Function):
         return _grid_sample_bwd(grad_out, input, grid, need_input, need_grid)
 
 
+# The same kernels as custom ops, for torch.compile: opaque to dynamo, so inductor compiles the code around
+# them (GridSampleFn's Python launch code cannot be traced). Eager calls take GridSampleFn (less overhead).
+@torch.library.custom_op("ostnet::grid_sample", mutates_args=())
+def _grid_sample_op(input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    return _grid_sample_fwd(input, grid)
+
+
+@_grid_sample_op.register_fake
+def _(input, grid):
+    return torch.empty((*input.shape[:2], *grid.shape[1:3]), device=input.device, dtype=input.dtype,
+                       memory_format=tu.memory_format(tu.is_channels_last(input)))
+
+
+@torch.library.custom_op("ostnet::grid_sample_backward", mutates_args=())
+def _grid_sample_backward_op(grad_out: torch.Tensor, input: torch.Tensor, grid: torch.Tensor, need_input: bool,
+                             need_grid: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    gin, ggrid = _grid_sample_bwd(grad_out, input, grid, need_input, need_grid)
+    return (input.new_empty(0) if gin is None else gin), (grid.new_empty(0) if ggrid is None else ggrid)
+
+
+@_grid_sample_backward_op.register_fake
+def _(grad_out, input, grid, need_input, need_grid):
+    return (torch.empty_like(input) if need_input else input.new_empty(0),
+            torch.empty_like(grid) if need_grid else grid.new_empty(0))
+
+
+def _grid_sample_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grid_sample_backward(ctx, grad_out):
+    input, grid = ctx.saved_tensors
+    need_input, need_grid = ctx.needs_input_grad
+    gin, ggrid = _grid_sample_backward_op(grad_out, input, grid, need_input, need_grid)
+    return (gin if need_input else None), (ggrid if need_grid else None)
+
+
+_grid_sample_op.register_autograd(_grid_sample_backward, setup_context=_grid_sample_setup)
+
+
 def grid_sample(input: torch.Tensor, grid: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     if input.dim() != 4 or grid.dim() != 4 or grid.shape[-1] != 2 or grid.shape[0] != input.shape[0]:
         raise ValueError(f"grid_sample: input must be (B, C, H, W) and grid (B, H, W, 2), got "
                          f"{tuple(input.shape)} and {tuple(grid.shape)}")
-    if use_triton("grid_sample", impl, input, grid):
+    if use_triton("grid_sample", impl, input, grid, compilable=True):
+        if torch.compiler.is_compiling():
+            return _grid_sample_op(*_prepare(input, grid))
         return GridSampleFn.apply(input, grid)
     return grid_sample_reference(input, grid)

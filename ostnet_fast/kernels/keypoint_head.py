@@ -169,16 +169,22 @@ def _launch_common(logits: torch.Tensor, jmap: torch.Tensor | None):
                 HAS_JAC=jmap is not None, ACC=tu.acc_dtype(logits), BLOCK=min(_BLOCK, tu.next_pow2(h * w))), jm
 
 
+def _kp_head_fwd(logits: torch.Tensor, jmap: torch.Tensor | None, inv_t: float):
+    """-> value (B, K, 2), jac (B, K, 4), stat (B, K, 2: the softmax's max and sum, for the backward)."""
+    b, k, h, w = logits.shape
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    value = tu.empty_output((b, k, 2), device=logits.device, dtype=acc)
+    jac = tu.empty_output((b, k, 4), device=logits.device, dtype=acc)
+    stat = torch.empty((b, k, 2), device=logits.device, dtype=acc)
+    common, jm = _launch_common(logits, jmap)
+    _kp_head_fwd_kernel[(k, b)](logits, jm, value, jac, stat, inv_t=inv_t, **common, num_warps=4)
+    return value, jac, stat
+
+
 class KeypointHeadFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, jmap: torch.Tensor | None, temperature: float):
-        b, k, h, w = logits.shape
-        acc = torch.promote_types(logits.dtype, torch.float32)
-        value = tu.empty_output((b, k, 2), device=logits.device, dtype=acc)
-        jac = tu.empty_output((b, k, 4), device=logits.device, dtype=acc)
-        stat = torch.empty((b, k, 2), device=logits.device, dtype=acc)
-        common, jm = _launch_common(logits, jmap)
-        _kp_head_fwd_kernel[(k, b)](logits, jm, value, jac, stat, inv_t=1.0 / temperature, **common, num_warps=4)
+        value, jac, stat = _kp_head_fwd(logits, jmap, 1.0 / temperature)
         ctx.save_for_backward(logits, jmap, value, jac, stat)
         ctx.inv_t = 1.0 / temperature
         if jmap is None:
@@ -193,19 +199,75 @@ class KeypointHeadFn(torch.autograd.Function):
         need_jm = jmap is not None and ctx.needs_input_grad[1]
         if not (need_logits or need_jm):
             return None, None, None
-        g_value = torch.zeros_like(value) if g_value is None else g_value.to(value.dtype).contiguous()
-        g_jac = torch.zeros_like(jac) if g_jac is None else g_jac.to(jac.dtype).contiguous()
-        g_logits = torch.empty_like(logits)  # dense inputs: the same strides
-        g_jm = torch.empty_like(jmap) if need_jm else None
-        common, jm = _launch_common(logits, jmap)
-        gj = g_jm if g_jm is not None else jm
-        b, k = logits.shape[:2]
-        _kp_head_bwd_kernel[(k, b)](
-            logits, jm, value, jac, stat, g_value, g_jac, g_logits, gj, inv_t=ctx.inv_t,
-            g_b=g_logits.stride(0), g_k=g_logits.stride(1), g_h=g_logits.stride(2), g_w=g_logits.stride(3),
-            gj_b=gj.stride(0), gj_k=gj.stride(1), gj_c=gj.stride(2), gj_h=gj.stride(3), gj_w=gj.stride(4),
-            NEED_JM=need_jm, **common, num_warps=4)
+        g_logits, g_jm = _kp_head_bwd(g_value, g_jac, logits, jmap, value, jac, stat, ctx.inv_t, need_jm)
         return (g_logits if need_logits else None), g_jm, None
+
+
+def _kp_head_bwd(g_value, g_jac, logits, jmap, value, jac, stat, inv_t: float, need_jm: bool):
+    """-> (dL/dlogits, dL/djmap or None); g_value / g_jac may be None (zeros)."""
+    g_value = torch.zeros_like(value) if g_value is None else g_value.to(value.dtype).contiguous()
+    g_jac = torch.zeros_like(jac) if g_jac is None else g_jac.to(jac.dtype).contiguous()
+    g_logits = torch.empty_like(logits)  # dense inputs: the same strides
+    g_jm = torch.empty_like(jmap) if need_jm else None
+    common, jm = _launch_common(logits, jmap)
+    gj = g_jm if g_jm is not None else jm
+    b, k = logits.shape[:2]
+    _kp_head_bwd_kernel[(k, b)](
+        logits, jm, value, jac, stat, g_value, g_jac, g_logits, gj, inv_t=inv_t,
+        g_b=g_logits.stride(0), g_k=g_logits.stride(1), g_h=g_logits.stride(2), g_w=g_logits.stride(3),
+        gj_b=gj.stride(0), gj_k=gj.stride(1), gj_c=gj.stride(2), gj_h=gj.stride(3), gj_w=gj.stride(4),
+        NEED_JM=need_jm, **common, num_warps=4)
+    return g_logits, g_jm
+
+
+# The kernels as custom ops, for torch.compile (see grid_sample.py).
+@torch.library.custom_op("ostnet::keypoint_head", mutates_args=())
+def _keypoint_head_op(logits: torch.Tensor, jmap: torch.Tensor | None,
+                      inv_t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    value, jac, stat = _kp_head_fwd(logits, jmap, inv_t)
+    if jmap is None:
+        jac.zero_()  # not written by the kernel then; an op's outputs must be defined
+    return value, jac, stat
+
+
+@_keypoint_head_op.register_fake
+def _(logits, jmap, inv_t):
+    b, k = logits.shape[:2]
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    return (logits.new_empty((b, k, 2), dtype=acc), logits.new_empty((b, k, 4), dtype=acc),
+            logits.new_empty((b, k, 2), dtype=acc))
+
+
+@torch.library.custom_op("ostnet::keypoint_head_backward", mutates_args=())
+def _keypoint_head_backward_op(g_value: torch.Tensor, g_jac: torch.Tensor, logits: torch.Tensor,
+                               jmap: torch.Tensor | None, value: torch.Tensor, jac: torch.Tensor, stat: torch.Tensor,
+                               inv_t: float, need_jm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    g_logits, g_jm = _kp_head_bwd(g_value, g_jac, logits, jmap, value, jac, stat, inv_t, need_jm)
+    return g_logits, (logits.new_empty(0) if g_jm is None else g_jm)
+
+
+@_keypoint_head_backward_op.register_fake
+def _(g_value, g_jac, logits, jmap, value, jac, stat, inv_t, need_jm):
+    return torch.empty_like(logits), (torch.empty_like(jmap) if need_jm else logits.new_empty(0))
+
+
+def _keypoint_head_setup(ctx, inputs, output):
+    logits, jmap, inv_t = inputs
+    ctx.save_for_backward(logits, jmap, *output)
+    ctx.inv_t = inv_t
+    ctx.mark_non_differentiable(output[2])
+
+
+def _keypoint_head_backward(ctx, g_value, g_jac, _g_stat):
+    logits, jmap, value, jac, stat = ctx.saved_tensors
+    need_jm = jmap is not None and ctx.needs_input_grad[1]
+    g_value = torch.zeros_like(value) if g_value is None else g_value
+    g_jac = torch.zeros_like(jac) if g_jac is None else g_jac
+    g_logits, g_jm = _keypoint_head_backward_op(g_value, g_jac, logits, jmap, value, jac, stat, ctx.inv_t, need_jm)
+    return (g_logits if ctx.needs_input_grad[0] else None), (g_jm if need_jm else None), None
+
+
+_keypoint_head_op.register_autograd(_keypoint_head_backward, setup_context=_keypoint_head_setup)
 
 
 def keypoint_head(logits: torch.Tensor, jacobian_map: torch.Tensor | None, temperature: float,
@@ -221,10 +283,13 @@ def keypoint_head(logits: torch.Tensor, jacobian_map: torch.Tensor | None, tempe
     if temperature <= 0:
         raise ValueError(f"keypoint_head: temperature must be > 0, got {temperature}")
     fusable = jacobian_map is None or jacobian_map.shape[1] == k
-    if use_triton("keypoint_head", impl, logits, jacobian_map) and (fusable or impl == "triton"):
+    if use_triton("keypoint_head", impl, logits, jacobian_map, compilable=True) and (fusable or impl == "triton"):
         if not fusable:
             raise ValueError("keypoint_head: the fused kernel needs one Jacobian map per keypoint")
         tu.check_launch("keypoint_head", b, max(logits.stride(0), jacobian_map.stride(0) if jacobian_map is not None else 0))
-        value, jac = KeypointHeadFn.apply(logits, jacobian_map, float(temperature))
+        if torch.compiler.is_compiling():
+            value, jac, _ = _keypoint_head_op(logits, jacobian_map, 1.0 / float(temperature))
+        else:
+            value, jac = KeypointHeadFn.apply(logits, jacobian_map, float(temperature))
         return value, (jac.view(b, k, 2, 2) if jacobian_map is not None else None)
     return keypoint_head_reference(logits, jacobian_map, temperature)

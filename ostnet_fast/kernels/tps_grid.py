@@ -167,6 +167,11 @@ def _tps_grid_fwd(params: torch.Tensor, target: torch.Tensor, size: tuple[int, i
 
 def _tps_grid_bwd(grad_grid: torch.Tensor, target: torch.Tensor, coef: torch.Tensor, dtype) -> torch.Tensor:
     """grad_grid (B, H, W, 2) -> dL/dC (B, T, 2) in `dtype`."""
+    return tps_params_backward(_tps_grid_partials(grad_grid, target), coef, dtype)
+
+
+def _tps_grid_partials(grad_grid: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """grad_grid (B, H, W, 2) -> per-program partial dL/dparams (B, programs, T+3, 2) in target's dtype."""
     b, h, w, _ = grad_grid.shape
     t = target.shape[0]
     block_p, block_t, warps = tps_blocks(t)
@@ -177,7 +182,7 @@ def _tps_grid_bwd(grad_grid: torch.Tensor, target: torch.Tensor, coef: torch.Ten
             ggrid_ptr=grad_grid.contiguous(), tgt_ptr=target, part_ptr=part, T=t, HW=h * w, W=w,
             H1=max(h - 1, 1), W1=max(w - 1, 1), ACC=tu.acc_dtype(target), BLOCK_P=block_p, BLOCK_T=block_t,
             num_warps=warps)
-    return tps_params_backward(part, coef, dtype)
+    return part
 
 
 class TpsGridFn(torch.autograd.Function):
@@ -199,9 +204,48 @@ class TpsGridFn(torch.autograd.Function):
         return _tps_grid_bwd(grad_grid, target, coef, ctx.control_dtype), None, None, None
 
 
+# The kernels as custom ops, for torch.compile (see grid_sample.py). The params = coef @ C step stays in
+# the traced graph (autograd differentiates it); the ops map params -> grid and dL/dgrid -> dL/dparams.
+@torch.library.custom_op("ostnet::tps_grid", mutates_args=())
+def _tps_grid_op(params: torch.Tensor, target: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
+    return _tps_grid_fwd(params, target, (h, w), dtype)
+
+
+@_tps_grid_op.register_fake
+def _(params, target, h, w, dtype):
+    return params.new_empty((params.shape[0], h, w, 2), dtype=dtype)
+
+
+@torch.library.custom_op("ostnet::tps_grid_backward", mutates_args=())
+def _tps_grid_backward_op(grad_grid: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return _tps_grid_partials(grad_grid, target).sum(dim=1)
+
+
+@_tps_grid_backward_op.register_fake
+def _(grad_grid, target):
+    return target.new_empty((grad_grid.shape[0], target.shape[0] + 3, 2))
+
+
+def _tps_grid_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _tps_grid_backward(ctx, grad_grid):
+    (target,) = ctx.saved_tensors
+    grad_params = _tps_grid_backward_op(grad_grid, target) if ctx.needs_input_grad[0] else None
+    return grad_params, None, None, None, None
+
+
+_tps_grid_op.register_autograd(_tps_grid_backward, setup_context=_tps_grid_setup)
+
+
 def tps_grid(control_points: torch.Tensor, target_points: torch.Tensor, coef: torch.Tensor,
              size: tuple[int, int], impl: str = "auto") -> torch.Tensor:
     check_tps_args(control_points, target_points, coef)
-    if use_triton("tps_grid", impl, control_points):
+    if use_triton("tps_grid", impl, control_points, compilable=True):
+        if torch.compiler.is_compiling():
+            params = tps_params(control_points, coef)
+            return _tps_grid_op(params, target_points.to(params.dtype).contiguous(), int(size[0]), int(size[1]),
+                                control_points.dtype)
         return TpsGridFn.apply(control_points, target_points, coef, tuple(size))
     return tps_grid_reference(control_points, target_points, coef, size)

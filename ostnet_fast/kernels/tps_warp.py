@@ -187,18 +187,22 @@ def _tps_warp_bwd(grad_out: torch.Tensor, image: torch.Tensor, params: torch.Ten
     return gin, part
 
 
+def _prepare(image, control_points, target_points, coef, size):
+    """-> (dense image, params (B, T+3, 2), target (T, 2)) in the kernels' working precision."""
+    if not image.is_floating_point():
+        raise TypeError(f"tps_warp: floating-point image expected, got {image.dtype}")
+    b, c, h_in, w_in = image.shape
+    tu.check_launch("tps_warp", b, max(c * h_in * w_in, c * size[0] * size[1]))
+    work = torch.float64 if torch.float64 in (image.dtype, control_points.dtype) else torch.float32
+    params = tps_params(control_points.to(work), coef)
+    return tu.dense_4d(image), params, target_points.to(work).contiguous()
+
+
 class TpsWarpFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image: torch.Tensor, control_points: torch.Tensor, target_points: torch.Tensor,
                 coef: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        if not image.is_floating_point():
-            raise TypeError(f"tps_warp: floating-point image expected, got {image.dtype}")
-        b, c, h_in, w_in = image.shape
-        tu.check_launch("tps_warp", b, max(c * h_in * w_in, c * size[0] * size[1]))
-        image = tu.dense_4d(image)
-        work = torch.float64 if torch.float64 in (image.dtype, control_points.dtype) else torch.float32
-        params = tps_params(control_points.to(work), coef)  # (B, T+3, 2)
-        target = target_points.to(work).contiguous()  # (T, 2)
+        image, params, target = _prepare(image, control_points, target_points, coef, size)
         ctx.save_for_backward(image, params, target, coef)
         ctx.control_dtype = control_points.dtype
         return _tps_warp_fwd(image, params, target, size)
@@ -215,13 +219,56 @@ class TpsWarpFn(torch.autograd.Function):
         return gin, grad_c, None, None, None
 
 
+# The kernels as custom ops, for torch.compile (see grid_sample.py); params = coef @ C stays in the traced
+# graph, the ops map (image, params) -> warped and back.
+@torch.library.custom_op("ostnet::tps_warp", mutates_args=())
+def _tps_warp_op(image: torch.Tensor, params: torch.Tensor, target: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    return _tps_warp_fwd(image, params, target, (h, w))
+
+
+@_tps_warp_op.register_fake
+def _(image, params, target, h, w):
+    return torch.empty((*image.shape[:2], h, w), device=image.device, dtype=image.dtype,
+                       memory_format=tu.memory_format(tu.is_channels_last(image)))
+
+
+@torch.library.custom_op("ostnet::tps_warp_backward", mutates_args=())
+def _tps_warp_backward_op(grad_out: torch.Tensor, image: torch.Tensor, params: torch.Tensor, target: torch.Tensor,
+                          need_image: bool, need_params: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    gin, part = _tps_warp_bwd(grad_out, image, params, target, need_image, need_params)
+    return (image.new_empty(0) if gin is None else gin), (params.new_empty(0) if part is None else part.sum(dim=1))
+
+
+@_tps_warp_backward_op.register_fake
+def _(grad_out, image, params, target, need_image, need_params):
+    return (torch.empty_like(image) if need_image else image.new_empty(0),
+            params.new_empty(params.shape) if need_params else params.new_empty(0))
+
+
+def _tps_warp_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:3])
+
+
+def _tps_warp_backward(ctx, grad_out):
+    image, params, target = ctx.saved_tensors
+    need_image, need_params = ctx.needs_input_grad[:2]
+    gin, grad_params = _tps_warp_backward_op(grad_out, image, params, target, need_image, need_params)
+    return (gin if need_image else None), (grad_params if need_params else None), None, None, None
+
+
+_tps_warp_op.register_autograd(_tps_warp_backward, setup_context=_tps_warp_setup)
+
+
 def tps_warp(image: torch.Tensor, control_points: torch.Tensor, target_points: torch.Tensor,
              coef: torch.Tensor, size: tuple[int, int] | None = None, impl: str = "auto") -> torch.Tensor:
     check_tps_args(control_points, target_points, coef)
     if image.dim() != 4 or image.shape[0] != control_points.shape[0]:
         raise ValueError(f"tps_warp: image must be (B, C, H, W) with B = {control_points.shape[0]}, "
                          f"got {tuple(image.shape)}")
-    if use_triton("tps_warp", impl, image, control_points):
+    if use_triton("tps_warp", impl, image, control_points, compilable=True):
         size = tuple(image.shape[-2:]) if size is None else tuple(size)
+        if torch.compiler.is_compiling():
+            image, params, target = _prepare(image, control_points, target_points, coef, size)
+            return _tps_warp_op(image, params, target, int(size[0]), int(size[1]))
         return TpsWarpFn.apply(image, control_points, target_points, coef, size)
     return tps_warp_reference(image, control_points, target_points, coef, size)

@@ -76,9 +76,11 @@ class TrainOptions:
     resume: str | None = _opt(None, "continue the run in RUN_DIR from its latest checkpoint", "RUN_DIR")
     init_fomm: str | None = _opt(None, "fine-tune from a FOMM checkpoint (vox-cpk.pth.tar)", "PATH")
     fused: bool | None = _opt(None, "fused kernels (default: on with CUDA)")
-    compile: bool = _opt(False, "torch.compile the model and losses (default mode; inductor's code replaces the "
-                                "fused kernels). With the CUDA graph the fastest step measured (H200: 32 ms "
-                                "against 52 fused), after a minute or two of compiling")
+    compile: bool = _opt(False, "torch.compile the model and losses (default mode), inside the CUDA graph; the "
+                                "fused kernels enter the compiled graph as custom ops (all but the z-conv "
+                                "epilogue). With --no-fused, inductor's code everywhere: the fastest step "
+                                "measured (H200: 32 ms against 52 for the fused graph), after a minute or two "
+                                "of compiling")
     channels_last: bool | None = _opt(None, "channels-last memory format for the model and images (default: on "
                                             "with CUDA, where cuDNN's bf16/fp16 convolutions run NHWC)")
     cuda_graphs: bool | None = _opt(None, "replay the training step from a CUDA graph (default: on where it can: "
@@ -552,7 +554,8 @@ class Trainer:
             raise UsageError(f"--cuda-graphs: {why_not}")
         self.cuda_graphs = opts.cuda_graphs is not False and why_not is None
         self.step_mode = ", ".join([
-            "torch.compile" if opts.compile else "fused kernels" if self.fused else "reference ops", f"AMP {self.amp}",
+            "fused kernels" if self.fused else "reference ops", *(["torch.compile"] if opts.compile else []),
+            f"AMP {self.amp}",
             "channels-last" if self.channels_last else "NCHW",
             "replayed from a CUDA graph" if self.cuda_graphs else f"eager ({why_not or '--no-cuda-graphs'})"])
         self.optimizer, self.scheduler = build_optimizer(self.model, self.config, capturable=self.cuda_graphs)
