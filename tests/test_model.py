@@ -186,3 +186,31 @@ def test_whole_model_every_kernel_forced_matches_reference(monkeypatch):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-8, atol=1e-10, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+def test_whole_fused_model_compiles_with_every_kernel_as_a_custom_op(monkeypatch):
+    # torch.compile(fullgraph=True) of the fused model with every kernel forced: each one enters the
+    # graph as its torch.ops.ostnet.* op (no graph break), and the compiled model trains as the eager one.
+    from ostnet_fast.kernels._dispatch import interpreting, triton_available
+    if not (triton_available() and interpreting()):
+        pytest.skip("needs triton and TRITON_INTERPRET=1")
+    monkeypatch.setattr(OSTNet, "impl", property(lambda self: "triton" if self.fused else "reference"))
+    eager = make_model(fused=True).double().train()
+    compiled = make_model(fused=True).double().train()
+    compiled.load_state_dict(eager.state_dict())
+    src, drv = (t.double() for t in images(1))  # one sample: the interpreter's time is per pixel
+    torch._dynamo.reset()
+    step = torch.compile(lambda s, d: compiled(s, d), backend="aot_eager", fullgraph=True)
+    results = []
+    for model, fn in ((eager, eager), (compiled, step)):
+        out = fn(src, drv)
+        (out["prediction"].square().mean() + out["rectified"].mean()).backward()
+        results.append((out["prediction"].detach(), {n: p.grad for n, p in model.named_parameters()
+                                                     if p.grad is not None}))
+    torch._dynamo.reset()
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-10, atol=1e-10)
+    assert results[0][1].keys() == results[1][1].keys() and len(results[0][1]) > 0
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, rtol=1e-8, atol=1e-10, msg=name)

@@ -1,9 +1,9 @@
 """One switch for the implementation of every fused op.
 
 `impl="auto"` takes the Triton kernel on CUDA tensors and the pure-PyTorch reference otherwise:
-off CUDA, under `torch.onnx.is_in_onnx_export()`, while dynamo traces an op that has no custom-op form
-(`compilable=False`; the others enter the compiled graph as opaque `torch.ops.ostnet.*` calls), or with
-`OSTNET_IMPL=reference` in the environment. `impl="triton"` forces the kernel (on CPU only under `TRITON_INTERPRET=1`, which the
+off CUDA, under `torch.onnx.is_in_onnx_export()`, or with `OSTNET_IMPL=reference` in the environment.
+Under torch.compile every kernel enters the graph as its custom op (`torch.ops.ostnet.*`, opaque to
+dynamo; each op's file registers it), eagerly as its autograd Function. `impl="triton"` forces the kernel (on CPU only under `TRITON_INTERPRET=1`, which the
 tests use); a forced kernel that cannot run raises, it never falls back silently.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _log_fallback_once(op: str, why: str) -> None:
     log.info("%s: using the PyTorch reference (%s)", op, why)
 
 
-def use_triton(op: str, impl: str, *tensors: torch.Tensor | None, compilable: bool = False) -> bool:
+def use_triton(op: str, impl: str, *tensors: torch.Tensor | None) -> bool:
     """Decide whether `op` runs its Triton kernel for these tensors."""
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
@@ -46,9 +46,6 @@ def use_triton(op: str, impl: str, *tensors: torch.Tensor | None, compilable: bo
     present = [t for t in tensors if t is not None]
     on_cuda = all(t.is_cuda for t in present)
     if impl == "triton":
-        if torch.compiler.is_compiling() and not compilable:
-            raise RuntimeError(f"{op}: impl='triton' has no torch.compile form (custom op) yet: use impl='auto', "
-                               "which takes the reference while compiling")
         if not triton_available():
             raise RuntimeError(f"{op}: impl='triton' but triton is not installed (pip install triton)")
         if not on_cuda and not interpreting():
@@ -57,11 +54,10 @@ def use_triton(op: str, impl: str, *tensors: torch.Tensor | None, compilable: bo
     # auto
     if torch.onnx.is_in_onnx_export():
         return False
-    if torch.compiler.is_compiling() and not compilable:
-        return False  # no logging here: a logger call breaks dynamo's graph (one break per op call)
     if not on_cuda:
         return False
     if not triton_available():
-        _log_fallback_once(op, "triton is not installed")
+        if not torch.compiler.is_compiling():  # a logger call would break dynamo's graph
+            _log_fallback_once(op, "triton is not installed")
         return False
     return True

@@ -926,7 +926,7 @@ def dense_motion_front(source, kp_source, kp_driving, jacobian, kp_variance: flo
     """source (B, C, h, w), kp_source / kp_driving (B, K, 2), jacobian (B, K, 2, 2) or None ->
     (hourglass input (B, (K+1)(C+1), h, w), sparse motions (B, K+1, h, w, 2))."""
     _check_front(source, kp_source, kp_driving, jacobian)
-    if use_triton("dense_motion_front", impl, source, kp_source, kp_driving, jacobian, compilable=True):
+    if use_triton("dense_motion_front", impl, source, kp_source, kp_driving, jacobian):
         if kp_variance <= 0:
             raise ValueError(f"dense_motion_front: kp_variance must be > 0, got {kp_variance}")
         source = _dense(source)
@@ -958,7 +958,7 @@ def dense_motion_combine(mask_logits, motions, feature, occlusion, impl: str = "
     """mask_logits (B, K+1, h, w), motions (B, K+1, h, w, 2), feature (B, C, H, W), occlusion (B, 1, h, w) or
     None -> (deformation (B, h, w, 2), warped feature (B, C, H, W))."""
     _check_combine(mask_logits, motions, feature, occlusion)
-    if use_triton("dense_motion_combine", impl, mask_logits, motions, feature, occlusion, compilable=True):
+    if use_triton("dense_motion_combine", impl, mask_logits, motions, feature, occlusion):
         compiling = torch.compiler.is_compiling()
         mask_logits = _dense(mask_logits)
         motions = motions.contiguous()

@@ -230,7 +230,7 @@ def grid_sample(input: torch.Tensor, grid: torch.Tensor, impl: str = "auto") -> 
     if input.dim() != 4 or grid.dim() != 4 or grid.shape[-1] != 2 or grid.shape[0] != input.shape[0]:
         raise ValueError(f"grid_sample: input must be (B, C, H, W) and grid (B, H, W, 2), got "
                          f"{tuple(input.shape)} and {tuple(grid.shape)}")
-    if use_triton("grid_sample", impl, input, grid, compilable=True):
+    if use_triton("grid_sample", impl, input, grid):
         if torch.compiler.is_compiling():
             return _grid_sample_op(*_prepare(input, grid))
         return GridSampleFn.apply(input, grid)

@@ -283,7 +283,7 @@ def keypoint_head(logits: torch.Tensor, jacobian_map: torch.Tensor | None, tempe
     if temperature <= 0:
         raise ValueError(f"keypoint_head: temperature must be > 0, got {temperature}")
     fusable = jacobian_map is None or jacobian_map.shape[1] == k
-    if use_triton("keypoint_head", impl, logits, jacobian_map, compilable=True) and (fusable or impl == "triton"):
+    if use_triton("keypoint_head", impl, logits, jacobian_map) and (fusable or impl == "triton"):
         if not fusable:
             raise ValueError("keypoint_head: the fused kernel needs one Jacobian map per keypoint")
         tu.check_launch("keypoint_head", b, max(logits.stride(0), jacobian_map.stride(0) if jacobian_map is not None else 0))

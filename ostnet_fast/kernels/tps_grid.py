@@ -242,7 +242,7 @@ _tps_grid_op.register_autograd(_tps_grid_backward, setup_context=_tps_grid_setup
 def tps_grid(control_points: torch.Tensor, target_points: torch.Tensor, coef: torch.Tensor,
              size: tuple[int, int], impl: str = "auto") -> torch.Tensor:
     check_tps_args(control_points, target_points, coef)
-    if use_triton("tps_grid", impl, control_points, compilable=True):
+    if use_triton("tps_grid", impl, control_points):
         if torch.compiler.is_compiling():
             params = tps_params(control_points, coef)
             return _tps_grid_op(params, target_points.to(params.dtype).contiguous(), int(size[0]), int(size[1]),

@@ -265,7 +265,7 @@ def tps_warp(image: torch.Tensor, control_points: torch.Tensor, target_points: t
     if image.dim() != 4 or image.shape[0] != control_points.shape[0]:
         raise ValueError(f"tps_warp: image must be (B, C, H, W) with B = {control_points.shape[0]}, "
                          f"got {tuple(image.shape)}")
-    if use_triton("tps_warp", impl, image, control_points, compilable=True):
+    if use_triton("tps_warp", impl, image, control_points):
         size = tuple(image.shape[-2:]) if size is None else tuple(size)
         if torch.compiler.is_compiling():
             image, params, target = _prepare(image, control_points, target_points, coef, size)

@@ -718,6 +718,84 @@ class ZConvEpilogueFn(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The epilogue as a custom op, for torch.compile (see grid_sample.py): conv_out -> (out, stat, and with
+# `update` the new BN running statistics, which the caller copies into the buffers: an op with an
+# autograd formula must not mutate its inputs).
+# ----------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("ostnet::zconv_epilogue", mutates_args=())
+def _zconv_op(conv_out: torch.Tensor, e: torch.Tensor | None, cbias: torch.Tensor | None, gamma: torch.Tensor | None,
+              beta: torch.Tensor | None, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+              batch_stats: bool, update: bool, factor: float, eps: float,
+              pool: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if update:
+        running_mean, running_var = running_mean.clone(), running_var.clone()
+    out, stat = _zconv_fwd(conv_out, e, cbias, gamma, beta, running_mean, running_var, batch_stats, update, factor,
+                           eps, pool)
+    if not update:
+        running_mean, running_var = stat.new_empty(0), stat.new_empty(0)  # two tensors: outputs must not alias
+    return out, stat, running_mean, running_var
+
+
+@_zconv_op.register_fake
+def _(conv_out, e, cbias, gamma, beta, running_mean, running_var, batch_stats, update, factor, eps, pool):
+    b, c, hc, wc = conv_out.shape
+    ho, wo = (hc // 2, wc // 2) if pool else (hc, wc)
+    fmt = torch.channels_last if _channels_last(conv_out) else torch.contiguous_format
+    stat = conv_out.new_empty((4, c), dtype=_acc_torch(conv_out))
+    return (torch.empty((b, c, ho, wo), device=conv_out.device, dtype=conv_out.dtype, memory_format=fmt), stat,
+            torch.empty_like(running_mean) if update else stat.new_empty(0),
+            torch.empty_like(running_var) if update else stat.new_empty(0))
+
+
+@torch.library.custom_op("ostnet::zconv_epilogue_backward", mutates_args=())
+def _zconv_backward_op(grad_out: torch.Tensor, conv_out: torch.Tensor, e: torch.Tensor | None,
+                       cbias: torch.Tensor | None, gamma: torch.Tensor | None, stat: torch.Tensor, batch_stats: bool,
+                       pool: bool, need_e: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                          torch.Tensor]:
+    grad_conv, grad_e, grad_cb, d_gamma, d_beta = _zconv_bwd(grad_out, conv_out, e, cbias, gamma, stat, batch_stats,
+                                                             pool, need_e)
+    # Fresh tensors: d_gamma and d_beta are rows of one buffer, and an op's outputs must not alias.
+    return (grad_conv, stat.new_empty(0) if grad_e is None else grad_e, grad_cb.clone(), d_gamma.clone(),
+            d_beta.clone())
+
+
+@_zconv_backward_op.register_fake
+def _(grad_out, conv_out, e, cbias, gamma, stat, batch_stats, pool, need_e):
+    b, c = conv_out.shape[:2]
+    fmt = torch.channels_last if _channels_last(conv_out) else torch.contiguous_format
+    acc_t = _acc_torch(conv_out)
+    return (torch.empty(conv_out.shape, device=conv_out.device, dtype=conv_out.dtype, memory_format=fmt),
+            conv_out.new_empty((b, 9, c), dtype=acc_t) if need_e and e is not None else stat.new_empty(0),
+            conv_out.new_empty((c,), dtype=acc_t), conv_out.new_empty((c,), dtype=acc_t),
+            conv_out.new_empty((c,), dtype=acc_t))
+
+
+def _zconv_setup(ctx, inputs, output):
+    conv_out, e, cbias, gamma, beta, *_, batch_stats, update, factor, eps, pool = inputs
+    ctx.save_for_backward(conv_out, e, cbias, gamma, output[1])
+    ctx.batch_stats, ctx.pool = batch_stats, pool
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _zconv_backward(ctx, grad_out, *_grad_stats):
+    conv_out, e, cbias, gamma, stat = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_conv, grad_e, grad_cb, grad_gamma, grad_beta = _zconv_backward_op(
+        grad_out, conv_out, e, cbias, gamma, stat, ctx.batch_stats, ctx.pool, need[1])
+
+    def cast(g, ref, wanted):
+        return g.to(ref.dtype) if (wanted and ref is not None) else None
+
+    return (grad_conv if need[0] else None, cast(grad_e, e, need[1]), cast(grad_cb, cbias, need[2]),
+            cast(grad_gamma, gamma, need[3]), cast(grad_beta, gamma, need[4]),
+            None, None, None, None, None, None, None)
+
+
+_zconv_op.register_autograd(_zconv_backward, setup_context=_zconv_setup)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Public dispatch
 # ----------------------------------------------------------------------------------------------------
 
@@ -761,10 +839,18 @@ def _zconv_block_triton(x, zb, conv: nn.Conv2d, norm: nn.BatchNorm2d, mode: str)
     if batch_stats and b * hc * wc <= 1:
         raise ValueError(f"zconv_block: expected more than 1 value per channel when training, got input size "
                          f"{tuple(conv_out.shape)}")
-    return ZConvEpilogueFn.apply(conv_out, e, conv.bias, norm.weight, norm.bias,
-                                 norm.running_mean if not norm.training or norm.track_running_stats else None,
-                                 norm.running_var if not norm.training or norm.track_running_stats else None,
-                                 batch_stats, update, factor, norm.eps, mode == "down")
+    args = (conv_out, e, conv.bias, norm.weight, norm.bias,
+            norm.running_mean if not norm.training or norm.track_running_stats else None,
+            norm.running_var if not norm.training or norm.track_running_stats else None,
+            batch_stats, update, float(factor), float(norm.eps), mode == "down")
+    if torch.compiler.is_compiling():
+        out, _, running_mean, running_var = _zconv_op(*args)
+        if update:
+            with torch.no_grad():
+                norm.running_mean.copy_(running_mean)
+                norm.running_var.copy_(running_var)
+        return out
+    return ZConvEpilogueFn.apply(*args)
 
 
 def zconv_block(x: torch.Tensor, zb: torch.Tensor | None, conv: nn.Conv2d, norm: nn.BatchNorm2d,
@@ -784,5 +870,6 @@ def zconv_block(x: torch.Tensor, zb: torch.Tensor | None, conv: nn.Conv2d, norm:
             return _zconv_block_triton(x, zb, conv, norm, mode)
         if impl == "triton":
             raise ValueError(f"zconv_block: the fused kernel does not support this block: {why}")
-        _log_once(why)
+        if not torch.compiler.is_compiling():  # a logger call would break dynamo's graph
+            _log_once(why)
     return zconv_block_reference(x, zb, conv, norm, mode)

@@ -77,10 +77,9 @@ class TrainOptions:
     init_fomm: str | None = _opt(None, "fine-tune from a FOMM checkpoint (vox-cpk.pth.tar)", "PATH")
     fused: bool | None = _opt(None, "fused kernels (default: on with CUDA)")
     compile: bool = _opt(False, "torch.compile the model and losses (default mode), inside the CUDA graph; the "
-                                "fused kernels enter the compiled graph as custom ops (all but the z-conv "
-                                "epilogue). With --no-fused, inductor's code everywhere: the fastest step "
-                                "measured (H200: 32 ms against 52 for the fused graph), after a minute or two "
-                                "of compiling")
+                                "fused kernels enter the compiled graph as custom ops. With --no-fused, "
+                                "inductor's code everywhere: the fastest step measured (H200: 32 ms against 52 "
+                                "for the fused graph), after a minute or two of compiling")
     channels_last: bool | None = _opt(None, "channels-last memory format for the model and images (default: on "
                                             "with CUDA, where cuDNN's bf16/fp16 convolutions run NHWC)")
     cuda_graphs: bool | None = _opt(None, "replay the training step from a CUDA graph (default: on where it can: "

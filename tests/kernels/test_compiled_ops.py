@@ -143,3 +143,60 @@ def test_dense_motion_combine_op(feature_size, channels_last):
         torch.library.opcheck(dm._combine_op, (None, None, grid, leaves[2], occ_f, False, True))
     compare_compiled(lambda lg, m, f, o: dm.dense_motion_combine(lg * 2, m, f, o, impl="triton"),
                      logits, motions, feature, occ)
+
+
+zc = importlib.import_module("ostnet_fast.kernels.zconv")
+
+
+def _conv_bn(cin, cout, seed):
+    g = torch.Generator().manual_seed(seed)
+    conv = torch.nn.Conv2d(cin, cout, 3, padding=1)
+    norm = torch.nn.BatchNorm2d(cout)
+    with torch.no_grad():
+        conv.weight.copy_(0.4 * torch.randn(conv.weight.shape, generator=g))
+        conv.bias.copy_(0.3 + 0.2 * torch.randn(cout, generator=g))
+        norm.weight.copy_(0.5 + torch.rand(cout, generator=g))
+        norm.bias.copy_(-0.2 + 0.4 * torch.rand(cout, generator=g))
+        norm.running_mean.copy_(0.3 * torch.randn(cout, generator=g))
+        norm.running_var.copy_(0.5 + torch.rand(cout, generator=g))
+    return conv.to(**F64), norm.to(**F64)
+
+
+def test_zconv_epilogue_op():
+    g = torch.Generator().manual_seed(6)
+    conv_out = torch.randn(2, 4, 6, 5, generator=g).to(**F64).requires_grad_()
+    e = torch.randn(2, 9, 4, generator=g).to(**F64).requires_grad_()
+    conv, norm = _conv_bn(3, 4, 0)
+    for training in (True, False):
+        torch.library.opcheck(zc._zconv_op, (conv_out, e, conv.bias, norm.weight, norm.bias,
+                                             norm.running_mean.clone(), norm.running_var.clone(),
+                                             training, training, 0.1, 1e-5, True))
+
+
+@pytest.mark.parametrize("mode", ["down", "same", "up"])
+@pytest.mark.parametrize("training", [True, False])
+def test_zconv_block_compiled(mode, training):
+    """The whole block compiled (conv in the graph, the epilogue as the op) equals eager, running stats too."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 6, 8, generator=g).to(**F64)
+    zb = torch.randn(2, 3, generator=g).to(**F64)
+    eager_mods, compiled_mods = _conv_bn(3, 4, 1), _conv_bn(3, 4, 1)
+    for mods in (eager_mods, compiled_mods):
+        for m in mods:
+            m.train(training)
+
+    def block(mods):
+        return lambda x, zb: zc.zconv_block(x * 2, zb, *mods, mode, impl="triton")
+
+    outs = []
+    for mods, compile_it in ((eager_mods, False), (compiled_mods, True)):
+        fn = block(mods)
+        if compile_it:
+            fn = torch.compile(fn, backend="aot_eager", fullgraph=True)
+        xl, zl = x.clone().requires_grad_(), zb.clone().requires_grad_()
+        out = fn(xl, zl)
+        (out * (1 + torch.arange(out.numel(), dtype=out.dtype).view(out.shape) % 5)).sum().backward()
+        outs.append([out, xl.grad, zl.grad, mods[0].weight.grad, mods[1].weight.grad, mods[1].running_mean,
+                     mods[1].running_var])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)
