@@ -1,7 +1,8 @@
 """One switch for the implementation of every fused op.
 
 `impl="auto"` takes the Triton kernel on CUDA tensors and the pure-PyTorch reference otherwise:
-off CUDA, under `torch.onnx.is_in_onnx_export()`, or with `OSTNET_IMPL=reference` in the environment.
+off CUDA, under `torch.onnx.is_in_onnx_export()` or `torch.export`, or with `OSTNET_IMPL=reference` in the
+environment.
 Under torch.compile every kernel enters the graph as its custom op (`torch.ops.ostnet.*`, opaque to
 dynamo; each op's file registers it), eagerly as its autograd Function. `impl="triton"` forces the kernel (on CPU only under `TRITON_INTERPRET=1`, which the
 tests use); a forced kernel that cannot run raises, it never falls back silently.
@@ -52,8 +53,8 @@ def use_triton(op: str, impl: str, *tensors: torch.Tensor | None) -> bool:
             raise RuntimeError(f"{op}: impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 on CPU")
         return True
     # auto
-    if torch.onnx.is_in_onnx_export():
-        return False
+    if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+        return False  # exported graphs run without Python: no torch.ops.ostnet.* in them
     if not on_cuda:
         return False
     if not triton_available():

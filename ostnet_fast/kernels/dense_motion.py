@@ -851,7 +851,7 @@ def _(mask_logits, motions, grid, feature, occlusion, deform, sample):
         b, hp, wp, _ = grid.shape
         deformation = grid.new_empty(0)
     if not sample:
-        return deformation, deformation.new_empty(0)
+        return deformation, (mask_logits if deform else grid).new_empty(0)  # as the real op
     dtype = torch.result_type(feature, occlusion) if occlusion is not None else feature.dtype
     fmt = torch.channels_last if _channels_last(feature) else torch.contiguous_format
     return deformation, torch.empty((b, feature.shape[1], hp, wp), device=feature.device, dtype=dtype,

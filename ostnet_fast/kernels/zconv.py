@@ -866,6 +866,8 @@ def zconv_block(x: torch.Tensor, zb: torch.Tensor | None, conv: nn.Conv2d, norm:
         why = _fusable(conv)
         if why is None and not isinstance(norm, nn.BatchNorm2d):
             why = f"norm must be nn.BatchNorm2d, got {type(norm).__name__}"
+        if why is None and norm.momentum is None and norm.training and torch.compiler.is_compiling():
+            why = "BatchNorm momentum=None under torch.compile (its factor 1/n would be read from the GPU)"
         if why is None:
             return _zconv_block_triton(x, zb, conv, norm, mode)
         if impl == "triton":

@@ -200,3 +200,14 @@ def test_zconv_block_compiled(mode, training):
                      mods[1].running_var])
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)
+
+
+def test_auto_takes_the_reference_while_exporting(monkeypatch):
+    """torch.export graphs run without Python (AOTInductor, ONNX): no torch.ops.ostnet.* in them."""
+    from types import SimpleNamespace
+
+    from ostnet_fast.kernels import _dispatch
+    on_cuda = SimpleNamespace(is_cuda=True)  # what the dispatch reads of a CUDA tensor
+    assert _dispatch.use_triton("grid_sample", "auto", on_cuda)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert not _dispatch.use_triton("grid_sample", "auto", on_cuda)
