@@ -26,6 +26,13 @@ def setup(fused: bool, capturable: bool, amp: str):
     return cfg, model, tm, optimizer, scaler, list(model.parameters())
 
 
+def bf16_update(cfg, tm, opt, scaler, params):
+    """The trainer's step function (forward, backward, clip, Adam) under bf16 autocast."""
+    return functools.partial(optimizer_update, tm, opt, scaler,
+                             amp_ctx=autocast_context("bf16", torch.device("cuda"), cache_enabled=False),
+                             grad_clip=cfg.train.grad_clip, params=params)
+
+
 def flat(model) -> torch.Tensor:
     return torch.cat([p.detach().float().flatten() for p in model.parameters()])
 
@@ -118,9 +125,7 @@ def test_a_replayed_step_equals_the_eager_step(fused, amp, channels_last):
 
 def test_a_batch_of_another_shape_runs_eagerly():
     cfg, model, tm, opt, scaler, params = setup(True, capturable=True, amp="bf16")
-    update = functools.partial(optimizer_update, tm, opt, scaler,
-                               amp_ctx=autocast_context("bf16", torch.device("cuda"), cache_enabled=False),
-                               grad_clip=cfg.train.grad_clip, params=params)
+    update = bf16_update(cfg, tm, opt, scaler, params)
     step = GraphedTrainStep(update, opt, warmup=1, say=lambda m: None)
     for inputs in batches(cfg, 2):
         step(inputs)
@@ -132,9 +137,7 @@ def test_a_batch_of_another_shape_runs_eagerly():
 
 def test_a_released_graph_is_captured_again_on_the_next_step():
     cfg, model, tm, opt, scaler, params = setup(True, capturable=True, amp="bf16")
-    update = functools.partial(optimizer_update, tm, opt, scaler,
-                               amp_ctx=autocast_context("bf16", torch.device("cuda"), cache_enabled=False),
-                               grad_clip=cfg.train.grad_clip, params=params)
+    update = bf16_update(cfg, tm, opt, scaler, params)
     step = GraphedTrainStep(update, opt, warmup=1, say=lambda m: None)
     data = list(batches(cfg, 3))
     step(data[0])
@@ -148,9 +151,7 @@ def test_a_released_graph_is_captured_again_on_the_next_step():
 
 def test_a_capture_that_failed_on_another_rank_makes_this_one_eager_too():
     cfg, model, tm, opt, scaler, params = setup(True, capturable=True, amp="bf16")
-    update = functools.partial(optimizer_update, tm, opt, scaler,
-                               amp_ctx=autocast_context("bf16", torch.device("cuda"), cache_enabled=False),
-                               grad_clip=cfg.train.grad_clip, params=params)
+    update = bf16_update(cfg, tm, opt, scaler, params)
     warned, votes = [], []
     step = GraphedTrainStep(update, opt, warmup=1, say=lambda m: None, warn=warned.append,
                             agree=lambda ok: votes.append(ok) or False)  # another rank said no
