@@ -173,17 +173,22 @@ def test_zconv_epilogue_op():
                                              training, training, 0.1, 1e-5, True))
 
 
-@pytest.mark.parametrize("mode", ["down", "same", "up"])
-@pytest.mark.parametrize("training", [True, False])
-def test_zconv_block_compiled(mode, training):
+@pytest.mark.parametrize("mode, training, channels_last", [
+    ("down", True, False), ("same", True, False), ("up", True, False), ("down", False, False),
+    ("same", False, False), ("up", False, False), ("down", True, True), ("same", False, True)])
+def test_zconv_block_compiled(mode, training, channels_last):
     """The whole block compiled (conv in the graph, the epilogue as the op) equals eager, running stats too."""
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, 3, 6, 8, generator=g).to(**F64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
     zb = torch.randn(2, 3, generator=g).to(**F64)
     eager_mods, compiled_mods = _conv_bn(3, 4, 1), _conv_bn(3, 4, 1)
     for mods in (eager_mods, compiled_mods):
         for m in mods:
             m.train(training)
+            if channels_last:
+                m.to(memory_format=torch.channels_last)
 
     def block(mods):
         return lambda x, zb: zc.zconv_block(x * 2, zb, *mods, mode, impl="triton")
