@@ -56,6 +56,24 @@ def load_pickled_tensors(path: str | Path, what: str):
         raise CheckpointError(f"{path} is not a loadable {what} ({type(e).__name__}: {first})") from None
 
 
+def load_state_dict_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file or a torch pickle (weights only; {'state_dict': ...}
+    unwrapped), e.g. VGG-19 or LPIPS weights. Unreadable: one CheckpointError line naming `what`."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise CheckpointError(f"{path} is not a loadable {what} ({type(e).__name__}: {first})") from None
+    state = load_pickled_tensors(path, what)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a {what}, got {type(state).__name__}")
+    return state
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

@@ -63,6 +63,15 @@ def test_wrong_file_is_refused(tmp_path):
         load_vgg19(path)
 
 
+@pytest.mark.parametrize("name", ["vgg19.pth", "vgg19.safetensors"])
+def test_unreadable_vgg_file_is_one_line(tmp_path, name):
+    junk = tmp_path / name
+    junk.write_bytes(b"\x80\x04junk" * 50)
+    with pytest.raises(ValueError) as e:
+        load_vgg19(junk)
+    assert str(e.value).count("is not a loadable VGG-19 state dict") == 1 and "\n" not in str(e.value)
+
+
 def test_random_vgg_is_deterministic_and_leaves_the_global_rng_alone():
     torch.manual_seed(5)
     before = torch.rand(1)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import load_pickled_tensors
+from ..checkpoint import load_state_dict_file
 from ..kernels import inverse_2x2, pixel_coordinates
 from ..model.blocks import AntiAliasInterpolation2d
 
@@ -84,18 +84,6 @@ def torch_cache_dir() -> Path:
     return Path(home) / "hub" / "checkpoints"
 
 
-def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    state = load_pickled_tensors(path, "VGG-19 state dict")
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
-    return state
-
-
 def load_vgg19(path: str | Path | None = None, random_weights: bool = False, width_divisor: int = 1) -> Vgg19:
     """VGG-19 with ImageNet weights from `path` (torchvision's .pth or a .safetensors with the same
     keys), else from torchvision's cache ($TORCH_HOME/hub/checkpoints/vgg19-dcbb9e9d.pth). Nothing is
@@ -119,10 +107,7 @@ def load_vgg19(path: str | Path | None = None, random_weights: bool = False, wid
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"VGG-19 weights file not found: {path} (expected torchvision's {VGG19_FILE})")
-    try:
-        state = _load_state_dict_file(path)
-    except Exception as e:
-        raise ValueError(f"{path} is not a loadable VGG-19 state dict ({type(e).__name__}: {e})") from None
+    state = load_state_dict_file(path, "VGG-19 state dict")
     state = {k: v for k, v in state.items() if k.startswith("features.")}  # classifier.* not needed
     model = Vgg19()
     expected = model.state_dict()

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import load_pickled_tensors
+from ..checkpoint import load_state_dict_file
 
 PSNR_CAP = 100.0
 
@@ -134,16 +134,7 @@ class LPIPS(nn.Module):
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"LPIPS weights not found: {path}")
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-            return load_file(str(path))
-        except Exception as e:
-            raise ValueError(f"{path} is not a loadable state dict ({type(e).__name__}: {e})") from None
-    state = load_pickled_tensors(path, "LPIPS state dict")
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
-    return state
+    return load_state_dict_file(path, "LPIPS state dict")
 
 
 def load_lpips(path: str | Path, backbone: str | Path | None = None) -> LPIPS:
