@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ostnet_fast import OSTNet, load_config
-from ostnet_fast.checkpoint import load_checkpoint
+from ostnet_fast.checkpoint import CheckpointError, load_checkpoint
 from ostnet_fast.train.losses import TrainingModel, load_vgg19
 from ostnet_fast.train.trainer import (Trainer, TrainOptions, average_gradients, build_optimizer, prepare_batch,
                                        restore_training_state, run_training, step_generator, train_step,
@@ -166,6 +166,23 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert config.train.num_repeats == 2
     rows = (tmp_path / "b" / "log.csv").read_text().splitlines()
     assert rows[0].startswith("step,epoch,lr,loss,perceptual") and len(rows) == 1 + 5
+
+
+def test_a_corrupt_latest_checkpoint_names_an_earlier_one_and_that_one_resumes(tmp_path):
+    data = tiny_dataset(tmp_path / "data")
+    cfg = tiny_config()
+    straight = run_training(options(config=cfg, data=str(data), out=str(tmp_path / "a"), max_steps=3))
+    run_training(options(config=cfg, data=str(data), out=str(tmp_path / "b"), max_steps=3, save_every=1))
+    cdir = tmp_path / "b" / "checkpoints"
+    (cdir / "step_00000003.safetensors").write_bytes(b"\0" * 64)  # e.g. a disk error after the write
+    resume = dict(max_steps=3, random_vgg=True, num_workers=0, progress=False, device="cpu", log_every=1)
+    with pytest.raises(CheckpointError, match=r"an earlier checkpoint may be whole: --resume .*step_00000002\."):
+        run_training(TrainOptions(resume=str(tmp_path / "b"), **resume))
+    # The named checkpoint goes on from its step, as the uninterrupted run did.
+    resumed = run_training(TrainOptions(resume=str(cdir / "step_00000002.safetensors"), **resume))
+    assert resumed.run_dir == tmp_path / "b" and resumed.step == 3
+    assert_same_tensors(params_of(straight.model), params_of(resumed.model), "parameters/buffers")
+    assert json.loads((tmp_path / "b" / "latest.json").read_text())["step"] == 3
 
 
 def test_resume_with_larger_batches_starts_the_next_epoch_when_this_one_is_used_up(tmp_path):

@@ -73,7 +73,8 @@ class TrainOptions:
                                   "(FOMM layout root/train/...), or one video", "DATA")
     out: str | None = _opt(None, "required for a new run: a new run directory for checkpoints and logs (an "
                                  "existing run is refused: continue it with --resume)", "RUN_DIR")
-    resume: str | None = _opt(None, "continue the run in RUN_DIR from its latest checkpoint", "RUN_DIR")
+    resume: str | None = _opt(None, "continue the run in RUN_DIR from its latest checkpoint, or from one of its "
+                                    "RUN_DIR/checkpoints/step_XXXXXXXX.safetensors", "RUN_DIR")
     init_fomm: str | None = _opt(None, "fine-tune from a FOMM checkpoint (vox-cpk.pth.tar)", "PATH")
     fused: bool | None = _opt(None, "fused kernels (default: on with CUDA, off with --compile)")
     compile: bool = _opt(False, "torch.compile the model and losses (default mode), inside the CUDA graph: "
@@ -390,17 +391,46 @@ def restore_training_state(tensors: dict[str, torch.Tensor], meta: dict, optimiz
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
-def latest_checkpoint(run_dir: str | Path) -> dict:
-    """RUN_DIR/latest.json -> {'step', 'model', 'state', 'state_json'} as absolute paths."""
-    run_dir = Path(run_dir)
-    pointer = run_dir / "latest.json"
+def latest_checkpoint(path: str | Path) -> dict:
+    """RUN_DIR (its latest.json) or one of its RUN_DIR/checkpoints/step_XXXXXXXX.safetensors ->
+    {'run_dir', 'step', 'model', 'state', 'state_json'}."""
+    path = Path(path)
+    if path.is_file() and path.parent.name == "checkpoints" and path.name.startswith("step_") \
+            and path.name.endswith(".safetensors") and not path.name.endswith(".state.safetensors"):
+        name = path.name[:-len(".safetensors")]
+        try:
+            step = int(name[len("step_"):])
+        except ValueError:
+            raise UsageError(f"--resume {path}: not a step_XXXXXXXX.safetensors checkpoint") from None
+        return {"run_dir": path.parent.parent, "step": step, "model": path,
+                "state": path.with_name(f"{name}.state.safetensors"), "state_json": path.with_name(f"{name}.state.json")}
+    pointer = path / "latest.json"
     if not pointer.is_file():
-        raise UsageError(f"--resume {run_dir}: no latest.json there (not a run directory, or no checkpoint yet)")
+        raise UsageError(f"--resume {path}: no latest.json there (not a run directory, or no checkpoint yet)")
     try:
         latest = json.loads(pointer.read_text())
-        return {"step": int(latest["step"]), **{k: run_dir / latest[k] for k in ("model", "state", "state_json")}}
+        return {"run_dir": path, "step": int(latest["step"]),
+                **{k: path / latest[k] for k in ("model", "state", "state_json")}}
     except (ValueError, KeyError, TypeError) as e:
-        raise ckpt.CheckpointError(f"{pointer} is corrupt ({type(e).__name__}: {e})") from None
+        raise ckpt.CheckpointError(f"{pointer} is corrupt ({type(e).__name__}: {e})"
+                                   f"{_earlier_checkpoints_hint(path, None)}") from None
+
+
+def _earlier_checkpoints_hint(run_dir: Path, before_step: int | None) -> str:
+    """'; ... --resume RUN_DIR/checkpoints/step_N.safetensors' naming the newest whole checkpoint before
+    `before_step` (all files present), or '' if there is none."""
+    models = sorted((p for p in (Path(run_dir) / "checkpoints").glob("step_*.safetensors")
+                     if not p.name.endswith(".state.safetensors")), reverse=True)
+    for model in models:
+        name = model.name[:-len(".safetensors")]
+        try:
+            step = int(name[len("step_"):])
+        except ValueError:
+            continue
+        if (before_step is None or step < before_step) and model.with_name(f"{name}.state.safetensors").is_file() \
+                and model.with_name(f"{name}.state.json").is_file():
+            return f"; an earlier checkpoint may be whole: --resume {model}"
+    return ""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -421,10 +451,11 @@ class Trainer:
         self._resume = None
         if opts.resume:
             self._resume = latest_checkpoint(opts.resume)
-            if opts.out and Path(opts.out).resolve() != Path(opts.resume).resolve():
-                raise UsageError(f"--out {opts.out} differs from --resume {opts.resume}; a resumed run writes "
-                                 "to its own directory")
-            opts.out = opts.resume
+            run_dir = self._resume["run_dir"]
+            if opts.out and Path(opts.out).resolve() != run_dir.resolve():
+                raise UsageError(f"--out {opts.out} differs from the resumed run's directory {run_dir}; a resumed "
+                                 "run writes to its own directory")
+            opts.out = str(run_dir)
         if not opts.out:
             raise UsageError("--out RUN_DIR is required")
         self.run_dir = Path(opts.out)
@@ -438,7 +469,13 @@ class Trainer:
             if value is not None and value < least:
                 raise UsageError(f"{flag} must be >= {least}, got {value}")
         self.device = self._pick_device()
-        self.config, state_meta = self._load_config()
+        try:
+            self.config, state_meta = self._load_config()
+        except ckpt.CheckpointError as e:
+            if not self._resume:
+                raise
+            raise ckpt.CheckpointError(f"{e}{_earlier_checkpoints_hint(self.run_dir, self._resume['step'])}") \
+                from None
         if state_meta and opts.config and self.env.master:
             print(f"note: --resume uses the run's own config ({self.config.name}); --config {opts.config} is ignored",
                   file=sys.stderr)
@@ -563,9 +600,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         if self._resume:
-            ckpt.load_weights_into(self.model, self._resume["model"])
-            tensors, _ = ckpt.read_tensors(self._resume["state"])
-            restore_training_state(tensors, self._state_meta, self.optimizer, self.scheduler, self.scaler)
+            try:
+                ckpt.load_weights_into(self.model, self._resume["model"])
+                tensors, _ = ckpt.read_tensors(self._resume["state"])
+                restore_training_state(tensors, self._state_meta, self.optimizer, self.scheduler, self.scaler)
+            except ckpt.CheckpointError as e:
+                raise ckpt.CheckpointError(f"{e}{_earlier_checkpoints_hint(self.run_dir, self._resume['step'])}") \
+                    from None
             self.step = int(self._state_meta["step"])
             self.epoch = int(self._state_meta["epoch"])
             self.batch_in_epoch = int(self._state_meta["batch_in_epoch"])
