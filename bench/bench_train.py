@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import out_dir, peak_memory_mib, print_table, time_ms, write_json  # noqa: E402
 
 from ostnet_fast import OSTNet, load_config  # noqa: E402
+from ostnet_fast._errors import first_line  # noqa: E402
 from ostnet_fast.train.losses import TrainingModel, load_vgg19  # noqa: E402
 from ostnet_fast.train.graphed import GraphedTrainStep  # noqa: E402
 from ostnet_fast.train.trainer import (autocast_context, build_optimizer, cuda_graphs_unavailable,  # noqa: E402
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 row["peak_mib"] = peak_memory_mib(fn)
         except Exception as e:  # record, keep going: the JSON says why a mode has no number
-            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            row["error"] = f"{type(e).__name__}: {first_line(e)}"
             row["traceback_tail"] = traceback.format_exc().strip().splitlines()[-3:]
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ._errors import first_line
 from ._files import give_default_mode
 from ._version import __version__
 from .config import Config, config_from_dict, load_config
@@ -52,8 +53,7 @@ def load_pickled_tensors(path: str | Path, what: str):
         raise CheckpointError(f"{path} is not a loadable {what}: not a file of tensors and plain containers "
                               f"({detail or 'unreadable pickle'}; files are never fully unpickled)") from None
     except Exception as e:  # truncated or corrupt archives: torch's first line says which
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"{path} is not a loadable {what} ({type(e).__name__}: {first})") from None
+        raise CheckpointError(f"{path} is not a loadable {what} ({type(e).__name__}: {first_line(e)})") from None
 
 
 def load_state_dict_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
@@ -64,8 +64,7 @@ def load_state_dict_file(path: str | Path, what: str) -> dict[str, torch.Tensor]
         try:
             return load_file(str(path))
         except Exception as e:
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise CheckpointError(f"{path} is not a loadable {what} ({type(e).__name__}: {first})") from None
+            raise CheckpointError(f"{path} is not a loadable {what} ({type(e).__name__}: {first_line(e)})") from None
     state = load_pickled_tensors(path, what)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

@@ -20,6 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ._errors import first_line
+
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 BACKEND_CHOICES = ("torch", "fused", "onnxruntime", "tensorrt")
@@ -43,7 +45,7 @@ def load_image(path: str | Path) -> np.ndarray:
             image = np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise UsageError(f"source image {path} is not a readable image ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+                         f"{first_line(e) or 'unreadable'})") from None
     if image.shape[0] < 16 or image.shape[1] < 16:
         raise UsageError(f"source image {path} is too small ({image.shape[1]}x{image.shape[0]}), need >= 16x16")
     return image

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._errors import first_line
 from ..config import Config, load_config
 from ..kernels import inverse_2x2
 from ..model import OSTNet, SourceState
@@ -274,8 +275,7 @@ def _external_backend(name: str, model: OSTNet, device: torch.device, fp16: bool
         if hasattr(cls, "from_model"):
             return cls.from_model(model, **extra)
     except (FileNotFoundError, ImportError, RuntimeError, ValueError) as e:  # missing files/packages/GPU
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise BackendUnavailable(f"backend {name!r} could not start: {type(e).__name__}: {first}") from e
+        raise BackendUnavailable(f"backend {name!r} could not start: {type(e).__name__}: {first_line(e)}") from e
     what = "ONNX folder (python export/export_onnx.py)" if name == "onnxruntime" else \
         "TensorRT engine folder (python export/build_trt.py)"
     raise BackendUnavailable(f"backend {name!r} needs its model files: pass engine=PATH (CLI: --engine PATH), "

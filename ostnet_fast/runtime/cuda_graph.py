@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from .._errors import first_line
+
 
 class GraphedStep:
     def __init__(self, fn: Callable[..., object], example_inputs: tuple[torch.Tensor, ...], warmup: int = 3,
@@ -47,5 +49,4 @@ def root_cause(e: BaseException) -> str:
     the capture then raises 'operation failed due to a previous error during capture', which hides it."""
     while e.__context__ is not None and "previous error during capture" in str(e):
         e = e.__context__
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {first}"
+    return f"{type(e).__name__}: {first_line(e)}"

@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import checkpoint as ckpt
+from .._errors import first_line
 from ..config import Config, config_from_dict, load_config
 from ..model import OSTNet
 from .augment import draw_factors, scale_augment
@@ -748,8 +749,7 @@ class Trainer:
             return self.step_fn(inputs)
         except Exception as e:
             if self.opts.compile:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                raise RuntimeError(f"torch.compile failed on the training step ({type(e).__name__}: {first}); "
+                raise RuntimeError(f"torch.compile failed on the training step ({type(e).__name__}: {first_line(e)}); "
                                    "run without --compile") from e
             raise
 
