@@ -396,15 +396,11 @@ def latest_checkpoint(path: str | Path) -> dict:
     """RUN_DIR (its latest.json) or one of its RUN_DIR/checkpoints/step_XXXXXXXX.safetensors ->
     {'run_dir', 'step', 'model', 'state', 'state_json'}."""
     path = Path(path)
-    if path.is_file() and path.parent.name == "checkpoints" and path.name.startswith("step_") \
-            and path.name.endswith(".safetensors") and not path.name.endswith(".state.safetensors"):
-        name = path.name[:-len(".safetensors")]
-        try:
-            step = int(name[len("step_"):])
-        except ValueError:
-            raise UsageError(f"--resume {path}: not a step_XXXXXXXX.safetensors checkpoint") from None
-        return {"run_dir": path.parent.parent, "step": step, "model": path,
-                "state": path.with_name(f"{name}.state.safetensors"), "state_json": path.with_name(f"{name}.state.json")}
+    if path.is_file() and path.parent.name == "checkpoints" and path.name.startswith("step_"):
+        step = _checkpoint_step(path)
+        if step is None:
+            raise UsageError(f"--resume {path}: not a step_XXXXXXXX.safetensors checkpoint")
+        return {"run_dir": path.parent.parent, "step": step, **_checkpoint_files(path)}
     pointer = path / "latest.json"
     if not pointer.is_file():
         raise UsageError(f"--resume {path}: no latest.json there (not a run directory, or no checkpoint yet)")
@@ -417,19 +413,29 @@ def latest_checkpoint(path: str | Path) -> dict:
                                    f"{_earlier_checkpoints_hint(path, None)}") from None
 
 
+def _checkpoint_step(path: Path) -> int | None:
+    """N of a model checkpoint step_N.safetensors (not of its .state files); None for any other name."""
+    name = path.name
+    if not name.startswith("step_") or not name.endswith(".safetensors") or name.endswith(".state.safetensors"):
+        return None
+    digits = name[len("step_"):-len(".safetensors")]
+    return int(digits) if digits.isdigit() else None
+
+
+def _checkpoint_files(model: Path) -> dict[str, Path]:
+    """A model checkpoint step_N.safetensors -> {'model', 'state', 'state_json'}: the three files of that step."""
+    stem = model.name[:-len(".safetensors")]
+    return {"model": model, "state": model.with_name(f"{stem}.state.safetensors"),
+            "state_json": model.with_name(f"{stem}.state.json")}
+
+
 def _earlier_checkpoints_hint(run_dir: Path, before_step: int | None) -> str:
     """'; ... --resume RUN_DIR/checkpoints/step_N.safetensors' naming the newest whole checkpoint before
     `before_step` (all files present), or '' if there is none."""
-    models = sorted((p for p in (Path(run_dir) / "checkpoints").glob("step_*.safetensors")
-                     if not p.name.endswith(".state.safetensors")), reverse=True)
-    for model in models:
-        name = model.name[:-len(".safetensors")]
-        try:
-            step = int(name[len("step_"):])
-        except ValueError:
-            continue
-        if (before_step is None or step < before_step) and model.with_name(f"{name}.state.safetensors").is_file() \
-                and model.with_name(f"{name}.state.json").is_file():
+    for model in sorted((Path(run_dir) / "checkpoints").glob("step_*.safetensors"), reverse=True):
+        step, files = _checkpoint_step(model), _checkpoint_files(model)
+        if step is not None and (before_step is None or step < before_step) and files["state"].is_file() \
+                and files["state_json"].is_file():
             return f"; an earlier checkpoint may be whole: --resume {model}"
     return ""
 
@@ -475,8 +481,7 @@ class Trainer:
         except ckpt.CheckpointError as e:
             if not self._resume:
                 raise
-            raise ckpt.CheckpointError(f"{e}{_earlier_checkpoints_hint(self.run_dir, self._resume['step'])}") \
-                from None
+            raise self._resume_error(e) from None
         if state_meta and opts.config and self.env.master:
             print(f"note: --resume uses the run's own config ({self.config.name}); --config {opts.config} is ignored",
                   file=sys.stderr)
@@ -533,6 +538,10 @@ class Trainer:
             raise UsageError(str(e)) from None
 
     force_manual_grad_sync = False  # tests: average gradients by hand (as the graphed step) without graphs
+
+    def _resume_error(self, e: ckpt.CheckpointError) -> ckpt.CheckpointError:
+        """The resumed checkpoint's error, naming the newest whole checkpoint before it."""
+        return ckpt.CheckpointError(f"{e}{_earlier_checkpoints_hint(self.run_dir, self._resume['step'])}")
 
     def log(self, msg: str) -> None:
         if self.env.master:
@@ -606,8 +615,7 @@ class Trainer:
                 tensors, _ = ckpt.read_tensors(self._resume["state"])
                 restore_training_state(tensors, self._state_meta, self.optimizer, self.scheduler, self.scaler)
             except ckpt.CheckpointError as e:
-                raise ckpt.CheckpointError(f"{e}{_earlier_checkpoints_hint(self.run_dir, self._resume['step'])}") \
-                    from None
+                raise self._resume_error(e) from None
             self.step = int(self._state_meta["step"])
             self.epoch = int(self._state_meta["epoch"])
             self.batch_in_epoch = int(self._state_meta["batch_in_epoch"])
@@ -717,10 +725,7 @@ class Trainer:
             return self.stop_requested
         if not force and self.step % STOP_CHECK_EVERY:
             return False
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0],
-                            device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return self._reduce_flag(self.stop_requested, dist.ReduceOp.MAX)
 
     def _loader(self):
         """Batches from the next one to train (self.epoch, self.batch_in_epoch) to the end of the run."""
@@ -871,9 +876,13 @@ class Trainer:
 
     def _ok_on_every_rank(self, ok: bool) -> bool:
         """True on every rank if `ok` is True on every rank (an all-reduce: all ranks call it together)."""
-        flag = torch.tensor([1.0 if ok else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+        return self._reduce_flag(ok, dist.ReduceOp.MIN)
+
+    def _reduce_flag(self, flag: bool, op) -> bool:
+        """`flag` combined over the ranks by `op` (MAX: any rank; MIN: every rank), on every rank."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=op)
+        return bool(t.item())
 
     def _check_ranks_agree(self) -> bool:
         """DDP keeps one model on every rank: compare per-parameter float64 sums across ranks, exactly."""
