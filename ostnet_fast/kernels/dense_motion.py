@@ -696,15 +696,21 @@ class DenseMotionFrontFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_hg, g_mot):
-        source, kp_source, kp_driving, jacobian = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_kp = need[1] or need[2] or need[3]
-        if not (need[0] or need_kp) or (g_hg is None and g_mot is None):
-            return None, None, None, None, None
-        g_src, g_kps, g_kpd, g_jac = _front_bwd(g_hg, g_mot, source, kp_source, kp_driving, jacobian,
-                                                ctx.kp_variance, need[0], need_kp)
-        return (g_src if need[0] else None, g_kps if need[1] else None, g_kpd if need[2] else None,
-                g_jac if need[3] else None, None)
+        return _front_grads(ctx, g_hg, g_mot, _front_bwd)
+
+
+def _front_grads(ctx, g_hg, g_mot, backward):
+    """The front's input gradients from ctx (saved inputs, kp_variance) through `backward`: the kernel
+    (eager Function) or the backward op (custom op, under torch.compile)."""
+    source, kp_source, kp_driving, jacobian = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_kp = need[1] or need[2] or need[3]
+    if not (need[0] or need_kp) or (g_hg is None and g_mot is None):
+        return None, None, None, None, None
+    g_src, g_kps, g_kpd, g_jac = backward(g_hg, g_mot, source, kp_source, kp_driving, jacobian, ctx.kp_variance,
+                                          need[0], need_kp)
+    return (g_src if need[0] else None, g_kps if need[1] else None, g_kpd if need[2] else None,
+            g_jac if need[3] else None, None)
 
 
 class DenseMotionCombineFn(torch.autograd.Function):
@@ -817,15 +823,7 @@ def _front_setup(ctx, inputs, output):
 
 
 def _front_backward(ctx, g_hg, g_mot):
-    source, kp_source, kp_driving, jacobian = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    need_kp = need[1] or need[2] or need[3]
-    if not (need[0] or need_kp) or (g_hg is None and g_mot is None):
-        return None, None, None, None, None
-    g_src, g_kps, g_kpd, g_jac = _front_backward_op(g_hg, g_mot, source, kp_source, kp_driving, jacobian,
-                                                    ctx.kp_variance, need[0], need_kp)
-    return (g_src if need[0] else None, g_kps if need[1] else None, g_kpd if need[2] else None,
-            g_jac if need[3] else None, None)
+    return _front_grads(ctx, g_hg, g_mot, _front_backward_op)
 
 
 _front_op.register_autograd(_front_backward, setup_context=_front_setup)

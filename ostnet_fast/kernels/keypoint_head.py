@@ -194,13 +194,19 @@ class KeypointHeadFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_value: torch.Tensor | None, g_jac: torch.Tensor | None):
-        logits, jmap, value, jac, stat = ctx.saved_tensors
-        need_logits = ctx.needs_input_grad[0]
-        need_jm = jmap is not None and ctx.needs_input_grad[1]
-        if not (need_logits or need_jm):
-            return None, None, None
-        g_logits, g_jm = _kp_head_bwd(g_value, g_jac, logits, jmap, value, jac, stat, ctx.inv_t, need_jm)
-        return (g_logits if need_logits else None), g_jm, None
+        return _kp_head_grads(ctx, g_value, g_jac, _kp_head_bwd)
+
+
+def _kp_head_grads(ctx, g_value, g_jac, backward):
+    """The head's input gradients from ctx (logits, jmap, value, jac, stat; inv_t) through `backward`: the
+    kernel (eager Function) or the backward op (custom op, under torch.compile)."""
+    logits, jmap, value, jac, stat = ctx.saved_tensors
+    need_logits = ctx.needs_input_grad[0]
+    need_jm = jmap is not None and ctx.needs_input_grad[1]
+    if not (need_logits or need_jm):
+        return None, None, None
+    g_logits, g_jm = backward(g_value, g_jac, logits, jmap, value, jac, stat, ctx.inv_t, need_jm)
+    return (g_logits if need_logits else None), (g_jm if need_jm else None), None
 
 
 def _kp_head_bwd(g_value, g_jac, logits, jmap, value, jac, stat, inv_t: float, need_jm: bool):
@@ -239,7 +245,7 @@ def _(logits, jmap, inv_t):
 
 
 @torch.library.custom_op("ostnet::keypoint_head_backward", mutates_args=())
-def _keypoint_head_backward_op(g_value: torch.Tensor, g_jac: torch.Tensor, logits: torch.Tensor,
+def _keypoint_head_backward_op(g_value: torch.Tensor | None, g_jac: torch.Tensor | None, logits: torch.Tensor,
                                jmap: torch.Tensor | None, value: torch.Tensor, jac: torch.Tensor, stat: torch.Tensor,
                                inv_t: float, need_jm: bool) -> tuple[torch.Tensor, torch.Tensor]:
     g_logits, g_jm = _kp_head_bwd(g_value, g_jac, logits, jmap, value, jac, stat, inv_t, need_jm)
@@ -259,12 +265,7 @@ def _keypoint_head_setup(ctx, inputs, output):
 
 
 def _keypoint_head_backward(ctx, g_value, g_jac, _g_stat):
-    logits, jmap, value, jac, stat = ctx.saved_tensors
-    need_jm = jmap is not None and ctx.needs_input_grad[1]
-    g_value = torch.zeros_like(value) if g_value is None else g_value
-    g_jac = torch.zeros_like(jac) if g_jac is None else g_jac
-    g_logits, g_jm = _keypoint_head_backward_op(g_value, g_jac, logits, jmap, value, jac, stat, ctx.inv_t, need_jm)
-    return (g_logits if ctx.needs_input_grad[0] else None), (g_jm if need_jm else None), None
+    return _kp_head_grads(ctx, g_value, g_jac, _keypoint_head_backward_op)
 
 
 _keypoint_head_op.register_autograd(_keypoint_head_backward, setup_context=_keypoint_head_setup)

@@ -704,17 +704,23 @@ class ZConvEpilogueFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        conv_out, e, cbias, gamma, stat = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grad_conv, grad_e, grad_cb, grad_gamma, grad_beta = _zconv_bwd(
-            grad_out, conv_out, e, cbias, gamma, stat, ctx.batch_stats, ctx.pool, need_e=need[1])
+        return _zconv_grads(ctx, grad_out, _zconv_bwd)
 
-        def cast(g, ref, wanted):
-            return g.to(ref.dtype) if (wanted and ref is not None) else None
 
-        return (grad_conv if need[0] else None, cast(grad_e, e, need[1]), cast(grad_cb, cbias, need[2]),
-                cast(grad_gamma, gamma, need[3]), cast(grad_beta, gamma, need[4]),
-                None, None, None, None, None, None, None)
+def _zconv_grads(ctx, grad_out, backward):
+    """The epilogue's input gradients from ctx (conv_out, E, conv bias, gamma, stat; batch_stats, pool) through
+    `backward`: the kernels (eager Function) or the backward op (custom op, under torch.compile)."""
+    conv_out, e, cbias, gamma, stat = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_conv, grad_e, grad_cb, grad_gamma, grad_beta = backward(
+        grad_out, conv_out, e, cbias, gamma, stat, ctx.batch_stats, ctx.pool, need[1])
+
+    def cast(g, ref, wanted):
+        return g.to(ref.dtype) if (wanted and ref is not None) else None
+
+    return (grad_conv if need[0] else None, cast(grad_e, e, need[1]), cast(grad_cb, cbias, need[2]),
+            cast(grad_gamma, gamma, need[3]), cast(grad_beta, gamma, need[4]),
+            None, None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -779,17 +785,7 @@ def _zconv_setup(ctx, inputs, output):
 
 
 def _zconv_backward(ctx, grad_out, *_grad_stats):
-    conv_out, e, cbias, gamma, stat = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    grad_conv, grad_e, grad_cb, grad_gamma, grad_beta = _zconv_backward_op(
-        grad_out, conv_out, e, cbias, gamma, stat, ctx.batch_stats, ctx.pool, need[1])
-
-    def cast(g, ref, wanted):
-        return g.to(ref.dtype) if (wanted and ref is not None) else None
-
-    return (grad_conv if need[0] else None, cast(grad_e, e, need[1]), cast(grad_cb, cbias, need[2]),
-            cast(grad_gamma, gamma, need[3]), cast(grad_beta, gamma, need[4]),
-            None, None, None, None, None, None, None)
+    return _zconv_grads(ctx, grad_out, _zconv_backward_op)
 
 
 _zconv_op.register_autograd(_zconv_backward, setup_context=_zconv_setup)
