@@ -45,8 +45,9 @@ MODES = ("reference", "compile", "compile-ro", "compile-ro+cl", "fused", "refere
 
 def build(mode: str, config, device, vgg, amp: str):
     """mode = base[+compile][+graphs][+cl]: base reference | compile (of the reference) | compile-ro | fused;
-    +compile: the fused model inside default-mode torch.compile (our kernels as opaque custom ops); +graphs: the whole step replayed from a CUDA graph (what
-    `ostnet-fast train` does on a GPU); +cl: model, VGG and images in channels-last."""
+    +compile: the fused model inside default-mode torch.compile (our kernels as opaque custom ops); +graphs:
+    the whole step replayed from a CUDA graph (what `ostnet-fast train` does on a GPU); +cl: model, VGG and
+    images in channels-last."""
     base, *flags = mode.split("+")
     torch.manual_seed(0)
     model = OSTNet(config.model, fused=base == "fused").to(device).train()

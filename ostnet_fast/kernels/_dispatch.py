@@ -2,10 +2,10 @@
 
 `impl="auto"` takes the Triton kernel on CUDA tensors and the pure-PyTorch reference otherwise:
 off CUDA, under `torch.onnx.is_in_onnx_export()` or `torch.export`, or with `OSTNET_IMPL=reference` in the
-environment.
-Under torch.compile every kernel enters the graph as its custom op (`torch.ops.ostnet.*`, opaque to
-dynamo; each op's file registers it), eagerly as its autograd Function. `impl="triton"` forces the kernel (on CPU only under `TRITON_INTERPRET=1`, which the
-tests use); a forced kernel that cannot run raises, it never falls back silently.
+environment. Under torch.compile every kernel enters the graph as its custom op (`torch.ops.ostnet.*`,
+opaque to dynamo; each op's file registers it), eagerly as its autograd Function. `impl="triton"` forces
+the kernel (on CPU only under `TRITON_INTERPRET=1`, which the tests use); a forced kernel that cannot run
+raises, it never falls back silently.
 """
 from __future__ import annotations
 
