@@ -13,7 +13,7 @@ The bundled video has 120 frames at 176x144; it is looped into a longer H.264 cl
 short warm-up job first (Triton compile, cuDNN autotune, CUDA graph capture).
 
     python bench/bench_pipeline.py [--out DIR] [--config ostnet-vox-256] [--batches 1,8]
-        [--precisions fp32,fp16] [--backends torch,fused,onnxruntime,tensorrt] [--frames 960]
+        [--precisions fp32,fp16] [--backends torch,fused,fused+compile,onnxruntime,tensorrt] [--frames 960]
         [--ort-engine DIR] [--trt-engine DIR] [--quick]
     # CPU smoke run:  python bench/bench_pipeline.py --device cpu --config tests/configs/tiny.yaml --quick
 
@@ -81,7 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="ostnet-vox-256")
     ap.add_argument("--checkpoint", help="weights (default: random, seeded)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--backends", default="torch,fused,onnxruntime,tensorrt")
+    ap.add_argument("--backends", default="torch,fused,onnxruntime,tensorrt",
+                    help="comma list; fused+compile is the fused backend with compile=True")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--precisions", default=None, help="fp32,fp16 on CUDA (default), fp32 on CPU")
     ap.add_argument("--frames", type=int, default=960, help="frames of the looped driving clip")
@@ -117,8 +118,9 @@ def main(argv=None) -> int:
                     row = {"backend": backend, "precision": precision, "batch": batch}
                     rows.append(row)
                     try:
-                        r = Reenactor(model=model, backend=backend, device=args.device, fp16=precision == "fp16",
-                                      engine=engines.get(backend))
+                        name, *flags = backend.split("+")
+                        r = Reenactor(model=model, backend=name, device=args.device, fp16=precision == "fp16",
+                                      engine=engines.get(name), **({"compile": True} if flags == ["compile"] else {}))
                     except (BackendUnavailable, ValueError, ImportError) as e:
                         row["skipped"] = f"{type(e).__name__}: {e}"[:300]
                         print(f"{backend} {precision} b{batch}: skipped ({row['skipped']})", flush=True)

@@ -81,6 +81,8 @@ def _check_common(args) -> None:
             load_config(args.config)
         except (ValueError, FileNotFoundError, OSError) as e:
             raise UsageError(f"--config {args.config}: {e}") from None
+    if args.compile and args.backend != "fused":
+        raise UsageError(f"--compile needs --backend fused (got --backend {args.backend})")
     if args.backend in ("onnxruntime", "tensorrt"):
         if args.relative:
             raise UsageError(f"--relative needs --backend torch or fused (the {args.backend} graphs take no "
@@ -113,7 +115,8 @@ def _make_reenactor(args):
     try:
         return Reenactor(checkpoint=args.checkpoint, config=args.config, backend=args.backend, device=args.device,
                          fp16=args.fp16, relative=args.relative, adapt_movement_scale=not args.no_adapt_scale,
-                         size=args.size, cuda_graphs=not args.no_cuda_graphs, engine=args.engine)
+                         size=args.size, cuda_graphs=not args.no_cuda_graphs, engine=args.engine,
+                         **({"compile": True} if args.compile else {}))
     except ValueError as e:  # arguments the model refuses (e.g. a --size it cannot run at)
         raise UsageError(str(e).replace("size is ", "--size ", 1)) from None
 
@@ -213,6 +216,9 @@ def _add_model_options(p: argparse.ArgumentParser, batch: bool = True) -> None:
     g.add_argument("--no-adapt-scale", action="store_true", help="with --relative: do not rescale the motion "
                    "by the source / driving face size ratio (FOMM's adapt_movement_scale)")
     g.add_argument("--no-cuda-graphs", action="store_true", help="--backend fused without CUDA graph capture")
+    g.add_argument("--compile", action="store_true", help="--backend fused: also torch.compile the per-frame "
+                   "step (inductor fuses the code between the fused kernels). About 30 s of compiling at the "
+                   "first frame; then the fastest frame measured (H200, batch 1 fp16: 1.57 vs 2.12 ms)")
     g = p.add_argument_group("crop")
     g.add_argument("--detector", choices=("auto", "center", "mtcnn"), default="auto",
                    help="face box: auto = facenet-pytorch MTCNN when installed, else a fixed centre square "

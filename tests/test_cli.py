@@ -97,6 +97,7 @@ BAD = {
     "fomm checkpoint corrupt": (lambda d: ["--checkpoint", _noise(d / "vox-cpk.pth.tar")],
                                 "not a loadable FOMM checkpoint"),
     "relative on onnx": (lambda d: ["--backend", "onnxruntime", "--relative"], "--relative needs"),
+    "compile on torch backend": (lambda d: ["--compile"], "--compile needs --backend fused"),
 }
 if importlib.util.find_spec("facenet_pytorch") is None:
     BAD["mtcnn without facenet-pytorch"] = (lambda d: ["--detector", "mtcnn"], "--detector mtcnn needs facenet-pytorch")

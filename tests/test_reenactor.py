@@ -201,6 +201,41 @@ def test_graph_bookkeeping_pads_recaptures_and_keeps_the_source(monkeypatch, sou
     assert graphed.backend.captures == 2
 
 
+@pytest.mark.parametrize("relative", [False, True])
+def test_compiled_fused_backend_equals_eager(monkeypatch, source, relative):
+    # compile=True compiles the per-frame step (before each capture); here with a cheap backend and fake
+    # graphs on CPU. Absolute mode compiles as one graph (fullgraph: a graph break fails the test).
+    import ostnet_fast.runtime.cuda_graph as cg
+    monkeypatch.setattr(cg, "GraphedStep", FakeGraphedStep)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    compiled_fns = []
+    real_compile = torch.compile
+
+    def cheap_compile(fn, **kwargs):
+        compiled_fns.append(fn)
+        return real_compile(fn, backend="aot_eager", fullgraph=not relative, **kwargs)
+    monkeypatch.setattr(torch, "compile", cheap_compile)
+    torch._dynamo.reset()
+    model = tiny_model()
+    compiled = Reenactor(model=model, backend="fused", relative=relative, compile=True)
+    compiled.backend.cuda_graphs = True
+    eager = Reenactor(model=model, backend="fused", relative=relative)
+    assert compiled.backend.compiled and len(compiled_fns) == 1
+    g = torch.Generator().manual_seed(4)
+    for r in (compiled, eager):
+        r.set_source(source)
+    for n in (2, 2, 3):
+        x = torch.rand(n, 3, 64, 64, generator=g)
+        torch.testing.assert_close(compiled(x), eager(x), atol=1e-5, rtol=0)
+    assert compiled.backend.captures == 2
+    torch._dynamo.reset()
+
+
+def test_compile_is_refused_by_the_torch_backend():
+    with pytest.raises(TypeError, match="compile"):
+        Reenactor(model=tiny_model(), backend="torch", compile=True)
+
+
 def test_size_override_runs_the_model_at_another_resolution(source):
     r = Reenactor(model=tiny_model(), size=32)
     r.set_source(source)
@@ -488,6 +523,21 @@ def test_gpu_cuda_graphs_equal_eager_fused(no_tf32):
     x = torch.rand(2, 3, 256, 256, device="cuda", generator=g)
     torch.testing.assert_close(graphed(x), eager(x), atol=1e-5, rtol=0)
     assert graphed.backend.captures == 2
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_cuda_graphs_equal_eager_fused(no_tf32):
+    model = _gpu_pair()
+    compiled = Reenactor(model=model, backend="fused", device="cuda", compile=True)
+    eager = Reenactor(model=model, backend="fused", device="cuda", cuda_graphs=False)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    src = torch.rand(1, 3, 256, 256, device="cuda", generator=g)
+    for r in (compiled, eager):
+        r.set_source(src)
+    for n in (2, 2, 1):
+        x = torch.rand(n, 3, 256, 256, device="cuda", generator=g)
+        torch.testing.assert_close(compiled(x), eager(x), atol=1e-4, rtol=0)
+    assert compiled.backend.captures == 1
 
 
 @pytest.mark.gpu

@@ -11,7 +11,10 @@ A backend is any object with `set_source(x)` ((1, 3, S, S) float tensor on the d
 buffer, valid until the next call). Backends:
   torch        TorchBackend: the reference model (OSTNet(fused=False)), eager.
   fused        FusedBackend: OSTNet(fused=True) (Triton kernels on CUDA) and, with cuda_graphs=True on
-               CUDA, `animate` captured in a CUDA graph per batch shape (smaller batches are padded).
+               CUDA, `animate` captured in a CUDA graph per batch shape (smaller batches are padded);
+               compile=True puts the step through torch.compile first (our kernels stay, as custom
+               ops; inductor fuses the code between them): the fastest frame measured, for ~30 s of
+               compiling at the first frame of each batch shape (bench/results/h200-2026-11-30-s6).
   onnxruntime  ostnet_fast.runtime.ORTReenactor   (exported ONNX graphs; written by the export issue)
   tensorrt     ostnet_fast.runtime.TRTReenactor   (TensorRT engines)
 fp16 runs the torch/fused backends under torch.autocast(float16) (CUDA only).
@@ -187,13 +190,17 @@ class FusedBackend(TorchBackend):
     graph: captured (after warm-up on a side stream, by GraphedStep) for the largest batch shape seen,
     smaller batches copied into the front of the static input (the rest is padding), re-captured when a
     larger batch or another frame size comes. A new source is copied into the captured source tensors
-    in place, so the graph survives `set_source`. The output is a view of the graph's static buffer."""
+    in place, so the graph survives `set_source`. The output is a view of the graph's static buffer.
+    compile=True: the step goes through `torch.compile` (default mode, static shapes) before capture."""
     name = "fused"
     fused = True
 
     def __init__(self, model: OSTNet, fp16: bool = False, relative: RelativeMotion | None = None,
-                 cuda_graphs: bool = True, channels_last: bool = True):
+                 cuda_graphs: bool = True, channels_last: bool = True, compile: bool = False):
         super().__init__(model, fp16=fp16, relative=relative)
+        self.compiled = compile
+        if compile:  # the instance attribute shadows the method: every caller gets the compiled step
+            self._animate = torch.compile(self._animate, dynamic=False)
         # Channels-last on CUDA: cuDNN's tensor-core convs want NHWC; in NCHW every conv pays two layout
         # transposes (H100, bench/results: 2.13 vs 2.88 ms a frame at batch 1 fp16). A copy, so the
         # caller's model (and its checkpoint saving, which needs contiguous tensors) is untouched.
@@ -235,6 +242,8 @@ class FusedBackend(TorchBackend):
         self._graph = None
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        if self.compiled:  # compile before the capture: compiling runs host code and synchronizes
+            self._animate(self._layout(x))
         self._graph = GraphedStep(self._animate, (self._layout(x),), pool=self._pool)
         self.captures += 1
 

@@ -200,7 +200,7 @@ def test_zconv_block_compiled(mode, training, channels_last):
             fn = torch.compile(fn, backend="aot_eager", fullgraph=True)
         xl, zl = x.clone().requires_grad_(), zb.clone().requires_grad_()
         out = fn(xl, zl)
-        (out * (1 + torch.arange(out.numel(), dtype=out.dtype).view(out.shape) % 5)).sum().backward()
+        (out * (1 + torch.arange(out.numel(), device=out.device, dtype=out.dtype).view(out.shape) % 5)).sum().backward()
         outs.append([out, xl.grad, zl.grad, mods[0].weight.grad, mods[1].weight.grad, mods[1].running_mean,
                      mods[1].running_var])
     for a, b in zip(*outs):
