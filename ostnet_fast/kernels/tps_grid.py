@@ -9,8 +9,9 @@ forward pass has no inverse or solve (ONNX/TensorRT friendly).
 
 Triton path (what is fused, and the design limits):
 - forward: params = coef @ C, (B, T+3, 2), is tiny and done in torch (fp32, fp64 for fp64 control
-  points). One program then owns BLOCK_P pixels of one sample and evaluates the map from the radial basis
-  in registers, as a (BLOCK_P, BLOCK_T) tile of U(|p - t_i|): no (H*W, T) matrix is ever materialised.
+  points). One program then owns BLOCK_P pixels of up to 4 samples (`tps_samples`): it evaluates the
+  radial basis once, in registers, as a (BLOCK_P, BLOCK_T) tile of U(|p - t_i|) (it does not depend on
+  the sample), and then the map of each sample: no (H*W, T) matrix is ever materialised.
 - backward (to the control points only; target points and coef are constants, they get no grad):
   dL/dw_i = sum_p U_i(p) g(p), dL/da = sum_p (1, x, y) g(p), reduced per program in registers and
   written to a (B, programs, T+3, 2) partial buffer (no atomics, deterministic), summed in torch; then
@@ -94,17 +95,19 @@ if tu.HAS_TRITON:
         par_ptr,  # (B, T+3, 2) contiguous params [w; a], ACC dtype
         tgt_ptr,  # (T, 2) contiguous target fiducials, ACC dtype
         grid_ptr,  # (B, H, W, 2) output grid, the control points' dtype
-        T, HW, W, H1, W1,  # H1 = max(H - 1, 1), W1 = max(W - 1, 1)
-        ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+        B, T, HW, W, H1, W1,  # H1 = max(H - 1, 1), W1 = max(W - 1, 1)
+        ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, SAMPLES: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
         offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
         mask_p = offs_p < HW
         px, py = tu.pixel_xy(offs_p, W, H1, W1, ACC)
-        u = tu.tps_basis(px, py, tgt_ptr, T, ACC, BLOCK_T)  # (BLOCK_P, BLOCK_T)
-        gx, gy = tu.tps_eval(px, py, u, par_ptr + b * (T + 3) * 2, T, ACC, BLOCK_T)
-        tu.store_grid(grid_ptr + b * HW * 2, offs_p, mask_p, gx, gy)
+        u = tu.tps_basis(px, py, tgt_ptr, T, ACC, BLOCK_T)  # (BLOCK_P, BLOCK_T), shared by SAMPLES samples
+        for s in tl.static_range(SAMPLES):
+            b = tl.program_id(1).to(tl.int64) * SAMPLES + s
+            if b < B:
+                gx, gy = tu.tps_eval(px, py, u, par_ptr + b * (T + 3) * 2, T, ACC, BLOCK_T)
+                tu.store_grid(grid_ptr + b * HW * 2, offs_p, mask_p, gx, gy)
 
     # Backward maths: f(p) = sum_i w_i U_i(p) + a_0 + a_x x + a_y y is linear in the params, so with
     # g(p) = dL/dgrid(p): dL/dw_i = sum_p U_i(p) g(p), dL/da_0 = sum_p g(p), dL/da_x = sum_p x g(p),
@@ -114,18 +117,20 @@ if tu.HAS_TRITON:
         ggrid_ptr,  # (B, H, W, 2) contiguous upstream grad
         tgt_ptr,  # (T, 2) contiguous target fiducials, ACC dtype
         part_ptr,  # (B, programs, T+3, 2) partial dL/dparams, ACC dtype
-        T, HW, W, H1, W1,
-        ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+        B, T, HW, W, H1, W1,
+        ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, SAMPLES: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
         offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
         mask_p = offs_p < HW
         px, py = tu.pixel_xy(offs_p, W, H1, W1, ACC)
-        ggx, ggy = tu.load_grid(ggrid_ptr + b * HW * 2, offs_p, mask_p, ACC)  # 0 at masked pixels
         u = tu.tps_basis(px, py, tgt_ptr, T, ACC, BLOCK_T)
-        tu.tps_params_grad(px, py, u, ggx, ggy, part_ptr + (b * tl.num_programs(0) + pid) * (T + 3) * 2, T,
-                           BLOCK_T)
+        for s in tl.static_range(SAMPLES):
+            b = tl.program_id(1).to(tl.int64) * SAMPLES + s
+            if b < B:
+                ggx, ggy = tu.load_grid(ggrid_ptr + b * HW * 2, offs_p, mask_p, ACC)  # 0 at masked pixels
+                tu.tps_params_grad(px, py, u, ggx, ggy, part_ptr + (b * tl.num_programs(0) + pid) * (T + 3) * 2,
+                                   T, BLOCK_T)
 
 
 def tps_blocks(t: int) -> tuple[int, int, int]:
@@ -136,6 +141,19 @@ def tps_blocks(t: int) -> tuple[int, int, int]:
         raise ValueError(f"TPS kernels keep the basis in registers: T must be <= {tu.MAX_FIDUCIALS}, got {t}")
     block_t = max(tu.next_pow2(t), 2)
     return max(16, min(128, 4096 // block_t)), block_t, 8
+
+
+def tps_samples(batch: int) -> int:
+    """Samples per program of the TPS kernels: the radial basis depends only on the pixel and the fixed
+    target points, so one program evaluates it once and reuses it for up to 4 samples: a quarter of the
+    log() work at batch 8, while 256x256 at batch 8 still launches 1024 programs (enough for an H100)."""
+    return min(4, tu.next_pow2(max(batch, 1)))
+
+
+def tps_launch(hw: int, batch: int, block_p: int) -> tuple[tuple[int, int], int]:
+    """(grid, SAMPLES) of a TPS kernel over hw pixels of `batch` samples."""
+    samples = tps_samples(batch)
+    return (triton.cdiv(hw, block_p), triton.cdiv(batch, samples)), samples
 
 
 def tps_params(control_points: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
@@ -159,9 +177,11 @@ def _tps_grid_fwd(params: torch.Tensor, target: torch.Tensor, size: tuple[int, i
         return grid
     tu.check_launch("tps_grid", b, h * w * 2)
     block_p, block_t, warps = tps_blocks(t)
-    _tps_grid_fwd_kernel[(triton.cdiv(h * w, block_p), b)](
-        par_ptr=params, tgt_ptr=target, grid_ptr=grid, T=t, HW=h * w, W=w, H1=max(h - 1, 1), W1=max(w - 1, 1),
-        ACC=tu.acc_dtype(params), BLOCK_P=block_p, BLOCK_T=block_t, num_warps=warps)
+    launch, samples = tps_launch(h * w, b, block_p)
+    _tps_grid_fwd_kernel[launch](
+        par_ptr=params, tgt_ptr=target, grid_ptr=grid, B=b, T=t, HW=h * w, W=w, H1=max(h - 1, 1),
+        W1=max(w - 1, 1), ACC=tu.acc_dtype(params), BLOCK_P=block_p, BLOCK_T=block_t, SAMPLES=samples,
+        num_warps=warps)
     return grid
 
 
@@ -175,13 +195,13 @@ def _tps_grid_partials(grad_grid: torch.Tensor, target: torch.Tensor) -> torch.T
     b, h, w, _ = grad_grid.shape
     t = target.shape[0]
     block_p, block_t, warps = tps_blocks(t)
-    programs = triton.cdiv(h * w, block_p)
-    part = tu.empty_output((b, programs, t + 3, 2), device=grad_grid.device, dtype=target.dtype)
+    launch, samples = tps_launch(h * w, b, block_p)
+    part = tu.empty_output((b, launch[0], t + 3, 2), device=grad_grid.device, dtype=target.dtype)
     if grad_grid.numel() > 0:
-        _tps_grid_bwd_kernel[(programs, b)](
-            ggrid_ptr=grad_grid.contiguous(), tgt_ptr=target, part_ptr=part, T=t, HW=h * w, W=w,
+        _tps_grid_bwd_kernel[launch](
+            ggrid_ptr=grad_grid.contiguous(), tgt_ptr=target, part_ptr=part, B=b, T=t, HW=h * w, W=w,
             H1=max(h - 1, 1), W1=max(w - 1, 1), ACC=tu.acc_dtype(target), BLOCK_P=block_p, BLOCK_T=block_t,
-            num_warps=warps)
+            SAMPLES=samples, num_warps=warps)
     return part
 
 

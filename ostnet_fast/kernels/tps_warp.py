@@ -4,10 +4,11 @@ Convention: see tps_grid.py (TPS map, control vs target points) and grid_sample.
 padding, align_corners=True).
 
 Triton path (what is fused, and the design limits):
-- forward, ONE kernel: a program owns BLOCK_P output pixels of one sample, evaluates the TPS map for
-  them in registers (the (BLOCK_P, T) radial-basis tile, params = coef @ C precomputed in torch, tiny),
-  then samples the image bilinearly, looping over channels with the tap weights computed once (the same
-  device functions as grid_sample, `_triton_utils`). No grid tensor is written or read.
+- forward, ONE kernel: a program owns BLOCK_P output pixels of up to 4 samples, evaluates the radial-
+  basis tile (BLOCK_P, T) once in registers (it depends on the pixel only), then per sample the TPS map
+  (params = coef @ C precomputed in torch, tiny) and samples the image bilinearly, looping over
+  channels with the tap weights computed once (the same device functions as grid_sample,
+  `_triton_utils`). No grid tensor is written or read.
 - backward, ONE kernel, flags for the grads that are needed: the grid is recomputed in registers; image
   grad is scattered with fp32 atomics into a zero-filled buffer as in grid_sample's backward (see its
   header for why atomics and why contention stays low); the grid grad of each pixel is reduced over
@@ -27,7 +28,7 @@ from torch.autograd.function import once_differentiable
 from . import _triton_utils as tu
 from ._dispatch import use_triton
 from .grid_sample import grid_sample_reference
-from .tps_grid import check_tps_args, tps_blocks, tps_grid_reference, tps_params, tps_params_backward
+from .tps_grid import check_tps_args, tps_blocks, tps_grid_reference, tps_launch, tps_params, tps_params_backward
 
 if tu.HAS_TRITON:
     import triton
@@ -50,11 +51,11 @@ if tu.HAS_TRITON:
         par_ptr,  # (B, T+3, 2) contiguous TPS params [w; a], ACC dtype
         tgt_ptr,  # (T, 2) contiguous target fiducials, ACC dtype
         out_ptr,  # (B, C, H, W) output, the image's memory format and dtype
-        C, H_in, W_in, T, HW, W, H1, W1,  # H1 = max(H - 1, 1), W1 = max(W - 1, 1)
+        B, C, H_in, W_in, T, HW, W, H1, W1,  # H1 = max(H - 1, 1), W1 = max(W - 1, 1)
         s_b, s_c, s_h, s_w,  # image strides
         o_b, o_c, o_p,  # output strides of a sample, a channel, a flat pixel h * W + w
         CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
-        BLOCK_C: tl.constexpr,
+        BLOCK_C: tl.constexpr, SAMPLES: tl.constexpr,
     ):
         if CHANNELS_LAST:
             s_c = 1
@@ -63,17 +64,19 @@ if tu.HAS_TRITON:
             s_w = 1
             o_p = 1
         pid = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
         offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
         mask_p = offs_p < HW
         px, py = tu.pixel_xy(offs_p, W, H1, W1, ACC)
-        u = tu.tps_basis(px, py, tgt_ptr, T, ACC, BLOCK_T)  # (BLOCK_P, BLOCK_T)
-        gx, gy = tu.tps_eval(px, py, u, par_ptr + b * (T + 3) * 2, T, ACC, BLOCK_T)
-        off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1 = tu.bilinear_taps(
-            gx, gy, H_in, W_in, mask_p, s_h, s_w)
-        tu.sample_fwd_channels(img_ptr + b * s_b, out_ptr + b * o_b, C, s_c, o_c, o_p, offs_p, mask_p,
-                               off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1,
-                               ACC=ACC, BLOCK_C=BLOCK_C)
+        u = tu.tps_basis(px, py, tgt_ptr, T, ACC, BLOCK_T)  # (BLOCK_P, BLOCK_T), shared by SAMPLES samples
+        for s in tl.static_range(SAMPLES):
+            b = tl.program_id(1).to(tl.int64) * SAMPLES + s
+            if b < B:
+                gx, gy = tu.tps_eval(px, py, u, par_ptr + b * (T + 3) * 2, T, ACC, BLOCK_T)
+                off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1 = tu.bilinear_taps(
+                    gx, gy, H_in, W_in, mask_p, s_h, s_w)
+                tu.sample_fwd_channels(img_ptr + b * s_b, out_ptr + b * o_b, C, s_c, o_c, o_p, offs_p, mask_p,
+                                       off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1,
+                                       ACC=ACC, BLOCK_C=BLOCK_C)
 
     # Backward maths: out(p) = bilinear(image, f(p)), f = TPS map linear in params.
     #   dL/dgrid(p) = (dL/dix * (W_in - 1) / 2, dL/diy * (H_in - 1) / 2)   (tu.sample_bwd_channels)
@@ -87,11 +90,12 @@ if tu.HAS_TRITON:
         gout_ptr,  # (B, C, H, W) upstream grad, the image's memory format
         gin_ptr,  # (B, C, H_in, W_in) fp32/fp64 zero-filled image grad, the image's strides
         part_ptr,  # (B, programs, T+3, 2) partial dL/dparams, ACC dtype
-        C, H_in, W_in, T, HW, W, H1, W1,
+        B, C, H_in, W_in, T, HW, W, H1, W1,
         s_b, s_c, s_h, s_w,  # image (and gin) strides
         g_b, g_c, g_p,  # upstream grad strides
         CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
         BLOCK_C: tl.constexpr, NEED_INPUT_GRAD: tl.constexpr, NEED_GRID_GRAD: tl.constexpr,
+        SAMPLES: tl.constexpr,
     ):
         if CHANNELS_LAST:
             s_c = 1
@@ -100,23 +104,25 @@ if tu.HAS_TRITON:
             s_w = 1
             g_p = 1
         pid = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
         offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
         mask_p = offs_p < HW
         px, py = tu.pixel_xy(offs_p, W, H1, W1, ACC)
         u = tu.tps_basis(px, py, tgt_ptr, T, ACC, BLOCK_T)
-        gx, gy = tu.tps_eval(px, py, u, par_ptr + b * (T + 3) * 2, T, ACC, BLOCK_T)
-        off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1 = tu.bilinear_taps(
-            gx, gy, H_in, W_in, mask_p, s_h, s_w)
-        dix, diy = tu.sample_bwd_channels(img_ptr + b * s_b, gout_ptr + b * g_b, gin_ptr + b * s_b, C, s_c, g_c,
-                                          g_p, offs_p, mask_p, off00, off01, off10, off11, m00, m01, m10, m11,
-                                          wx1, wy1, ACC=ACC, BLOCK_C=BLOCK_C, NEED_INPUT_GRAD=NEED_INPUT_GRAD,
-                                          NEED_GRID_GRAD=NEED_GRID_GRAD)
-        if NEED_GRID_GRAD:
-            ggx = tl.where(mask_p, dix * (0.5 * (W_in - 1)), 0.0)
-            ggy = tl.where(mask_p, diy * (0.5 * (H_in - 1)), 0.0)
-            tu.tps_params_grad(px, py, u, ggx, ggy, part_ptr + (b * tl.num_programs(0) + pid) * (T + 3) * 2, T,
-                               BLOCK_T)
+        for s in tl.static_range(SAMPLES):
+            b = tl.program_id(1).to(tl.int64) * SAMPLES + s
+            if b < B:
+                gx, gy = tu.tps_eval(px, py, u, par_ptr + b * (T + 3) * 2, T, ACC, BLOCK_T)
+                off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1 = tu.bilinear_taps(
+                    gx, gy, H_in, W_in, mask_p, s_h, s_w)
+                dix, diy = tu.sample_bwd_channels(
+                    img_ptr + b * s_b, gout_ptr + b * g_b, gin_ptr + b * s_b, C, s_c, g_c, g_p, offs_p, mask_p,
+                    off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1, ACC=ACC, BLOCK_C=BLOCK_C,
+                    NEED_INPUT_GRAD=NEED_INPUT_GRAD, NEED_GRID_GRAD=NEED_GRID_GRAD)
+                if NEED_GRID_GRAD:
+                    ggx = tl.where(mask_p, dix * (0.5 * (W_in - 1)), 0.0)
+                    ggy = tl.where(mask_p, diy * (0.5 * (H_in - 1)), 0.0)
+                    tu.tps_params_grad(px, py, u, ggx, ggy,
+                                       part_ptr + (b * tl.num_programs(0) + pid) * (T + 3) * 2, T, BLOCK_T)
 
 
 def _warp_blocks(channels: int, channels_last: bool, backward: bool, fp64: bool) -> tuple[int, int]:
@@ -142,10 +148,12 @@ def _launch_args(image: torch.Tensor, t: int, size: tuple[int, int], backward: b
     cl = tu.is_channels_last(image)
     block_c, warps = _warp_blocks(c, cl, backward, fp64)
     block_p, block_t, _ = tps_blocks(t)
-    common = dict(C=c, H_in=h_in, W_in=w_in, T=t, HW=h * w, W=w, H1=max(h - 1, 1), W1=max(w - 1, 1),
+    launch, samples = tps_launch(h * w, b, block_p)
+    common = dict(B=b, C=c, H_in=h_in, W_in=w_in, T=t, HW=h * w, W=w, H1=max(h - 1, 1), W1=max(w - 1, 1),
                   s_b=image.stride(0), s_c=image.stride(1), s_h=image.stride(2), s_w=image.stride(3),
-                  CHANNELS_LAST=cl, BLOCK_P=block_p, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
-    return cl, (triton.cdiv(h * w, block_p), b), common
+                  CHANNELS_LAST=cl, BLOCK_P=block_p, BLOCK_T=block_t, BLOCK_C=block_c, SAMPLES=samples,
+                  num_warps=warps)
+    return cl, launch, common
 
 
 def _tps_warp_fwd(image: torch.Tensor, params: torch.Tensor, target: torch.Tensor,

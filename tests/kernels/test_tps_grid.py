@@ -48,6 +48,7 @@ CASES = [  # (B, rows x cols fiducials, output (H, W))
     (2, (4, 5), (37, 53)),  # the model's T = 20, odd H/W, several programs
     (3, (2, 2), (5, 1)),  # single column, T = 4
     (2, (3, 7), (6, 9)),  # T = 21 (not a power of two)
+    (6, (2, 3), (5, 7)),  # two sample groups of a program (4 samples each), the second partial
 ]
 
 
@@ -75,7 +76,7 @@ def test_forward_float32_within_twice_reference_error():
 
 
 @triton_run
-@pytest.mark.parametrize("b,layout,size", CASES[:3])
+@pytest.mark.parametrize("b,layout,size", CASES[:3] + CASES[4:])
 def test_backward_matches_reference_float64(b, layout, size, poisoned):
     control, target, coef = _case(b, *layout, seed=2)
     control.requires_grad_(True)
