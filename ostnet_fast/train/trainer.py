@@ -81,7 +81,7 @@ class TrainOptions:
     compile: bool = _opt(False, "torch.compile the model and losses (default mode), inside the CUDA graph: "
                                 "inductor's code everywhere, the fastest step measured (H200: 32 ms against 52 "
                                 "for the fused graph), after a minute or two of compiling. With --fused, our "
-                                "kernels as custom ops inside the compiled graph (not yet measured)")
+                                "kernels as custom ops inside the compiled graph (H200: the same speed)")
     channels_last: bool | None = _opt(None, "channels-last memory format for the model and images (default: on "
                                             "with CUDA, where cuDNN's bf16/fp16 convolutions run NHWC)")
     cuda_graphs: bool | None = _opt(None, "replay the training step from a CUDA graph (default: on where it can: "
@@ -502,8 +502,8 @@ class Trainer:
         if opts.data:
             opts.data = str(Path(opts.data).absolute())  # stored in checkpoints: --resume works from anywhere
         self.amp = resolve_amp(opts.amp, self.device)
-        # --compile alone: inductor's code everywhere (the measured fastest step); --compile --fused: our
-        # kernels as custom ops inside the compiled graph (not yet measured on a GPU).
+        # --compile alone: inductor's code everywhere; --compile --fused: our kernels as custom ops inside
+        # the compiled graph. Measured equal (H200, 32.6 vs 32.5 ms): the simpler one is the default.
         self.fused = (self.device.type == "cuda" and not opts.compile) if opts.fused is None else bool(opts.fused)
         self._dataset = dataset
         self._state_meta = state_meta
