@@ -51,6 +51,9 @@ def measure(fwd, inputs, mode, iters, graph=False):
     out = fwd()
     outs = out if isinstance(out, tuple) else (out,)
     grads = [torch.randn_like(o) for o in outs]
+    # Drop this eager graph before timing: alive, it keeps the leaves' AccumulateGrad nodes of the default
+    # stream, and a CUDA-graph capture on a side stream then fails ("would make the legacy stream dependent").
+    del out, outs
 
     def step():
         o = fwd()

@@ -91,13 +91,17 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({e})") from None
 
 
+def checkpoint_metadata(config: Config, **extra_metadata: str) -> dict[str, str]:
+    """The safetensors header of a model checkpoint: format, version and the whole config."""
+    return {"format": FORMAT, "version": __version__, "config": json.dumps(config.to_dict()),
+            "config_name": config.name, **extra_metadata}
+
+
 def save_checkpoint(path: str | Path, model: torch.nn.Module, config: Config, **extra_metadata: str) -> Path:
     """Model weights (unwrapped module, no DDP/compile prefixes) + config, atomically."""
     model = getattr(model, "_orig_mod", model)
     model = getattr(model, "module", model)
-    metadata = {"format": FORMAT, "version": __version__, "config": json.dumps(config.to_dict()),
-                "config_name": config.name, **extra_metadata}
-    return save_tensors(path, model.state_dict(), metadata)
+    return save_tensors(path, model.state_dict(), checkpoint_metadata(config, **extra_metadata))
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,

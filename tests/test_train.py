@@ -9,6 +9,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 from ostnet_fast import OSTNet, load_config
+from ostnet_fast import checkpoint as ckpt
 from ostnet_fast.checkpoint import CheckpointError, load_checkpoint
 from ostnet_fast.train.losses import TrainingModel, load_vgg19
 from ostnet_fast.train.trainer import (Trainer, TrainOptions, average_gradients, build_optimizer, prepare_batch,
@@ -183,6 +186,41 @@ def test_a_corrupt_latest_checkpoint_names_an_earlier_one_and_that_one_resumes(t
     assert resumed.run_dir == tmp_path / "b" and resumed.step == 3
     assert_same_tensors(params_of(straight.model), params_of(resumed.model), "parameters/buffers")
     assert json.loads((tmp_path / "b" / "latest.json").read_text())["step"] == 3
+
+
+def test_periodic_checkpoints_are_written_in_the_background_from_a_copy(tmp_path, monkeypatch):
+    # Step 2's files are written while step 3 trains (updating parameters and Adam state in place): a
+    # slowed-down writer makes sure of the overlap. They must hold step 2's state: resuming from them
+    # equals the uninterrupted run.
+    data = tiny_dataset(tmp_path / "data")
+    cfg = tiny_config()
+    straight = run_training(options(config=cfg, data=str(data), out=str(tmp_path / "a"), max_steps=3))
+    real_save, writers = ckpt.save_tensors, set()
+
+    def slow_save(path, tensors, metadata):
+        writers.add(threading.current_thread().name)
+        time.sleep(0.5)
+        return real_save(path, tensors, metadata)
+    monkeypatch.setattr(ckpt, "save_tensors", slow_save)
+    run = run_training(options(config=cfg, data=str(data), out=str(tmp_path / "b"), max_steps=3, save_every=2))
+    assert writers and all(name.startswith("ostnet-checkpoint") for name in writers)
+    assert run._pending_save is None and json.loads((tmp_path / "b" / "latest.json").read_text())["step"] == 3
+    monkeypatch.setattr(ckpt, "save_tensors", real_save)
+    cdir = tmp_path / "b" / "checkpoints"
+    resumed = run_training(TrainOptions(resume=str(cdir / "step_00000002.safetensors"), max_steps=3, random_vgg=True,
+                                        num_workers=0, progress=False, device="cpu", log_every=1))
+    assert_same_tensors(params_of(straight.model), params_of(resumed.model), "parameters/buffers")
+
+
+def test_a_failed_checkpoint_write_ends_the_run_with_its_error(tmp_path, monkeypatch):
+    def disk_full(path, tensors, metadata):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ckpt, "save_tensors", disk_full)
+    data = tiny_dataset(tmp_path / "data")
+    with pytest.raises(OSError, match="No space left on device"):
+        run_training(options(config=tiny_config(), data=str(data), out=str(tmp_path / "run"), max_steps=3,
+                             save_every=1))
+    assert not (tmp_path / "run" / "latest.json").exists()
 
 
 def test_resume_with_larger_batches_starts_the_next_epoch_when_this_one_is_used_up(tmp_path):

@@ -18,7 +18,9 @@ already seen without decoding them.
 Run directory: RUN_DIR/checkpoints/step_XXXXXXXX.safetensors (model + config, `save_checkpoint`),
 step_XXXXXXXX.state.safetensors (optimizer tensors, RNG states) + step_XXXXXXXX.state.json (the rest),
 RUN_DIR/latest.json (written last: points at a complete checkpoint), RUN_DIR/log.csv, and
-RUN_DIR/tensorboard/ when tensorboard is installed. Only rank 0 writes.
+RUN_DIR/tensorboard/ when tensorboard is installed. Only rank 0 writes. A checkpoint's state is copied to
+host memory at its step and written on a background thread while training goes on (the last one is
+waited for).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -456,6 +459,8 @@ class Trainer:
         self.stopped_by: str | None = None  # the signal that stopped the run early
         self.stopped = False  # the run ended early (a signal), its checkpoint saved
         self._resume = None
+        self._save_pool: ThreadPoolExecutor | None = None  # writes checkpoint files (save)
+        self._pending_save = None
         if opts.resume:
             self._resume = latest_checkpoint(opts.resume)
             run_dir = self._resume["run_dir"]
@@ -659,25 +664,47 @@ class Trainer:
                                              agree=self._ok_on_every_rank if env.enabled else None)
 
     # -- files --------------------------------------------------------------------------------------
-    def save(self) -> Path | None:
+    def save(self, wait: bool = True) -> Path | None:
+        """Checkpoint the current step. The state is copied to host memory here; the files are written on
+        a background thread, so with wait=False training goes on meanwhile (the periodic saves). One
+        write at a time: a save first waits for the previous one, and raises its error if it failed."""
         if not self.env.master:
             return None
+        self.wait_for_save()
         cdir = self.run_dir / "checkpoints"
         name = f"step_{self.step:08d}"
-        model_path = ckpt.save_checkpoint(cdir / f"{name}.safetensors", self.model, self.config,
-                                          step=str(self.step), epoch=str(self.epoch))
+        # Copies, also on CPU: the next steps update parameters and optimizer state in place.
+        snapshot = lambda d: {k: v.detach().to("cpu", copy=True) for k, v in d.items()}  # noqa: E731
+        model_state = snapshot(self.model.state_dict())
+        model_meta = ckpt.checkpoint_metadata(self.config, step=str(self.step), epoch=str(self.epoch))
         options = {**dataclasses.asdict(self.opts), "config": self.config.name, "batch_size": self.batch_size,
                    "world_size": self.env.world_size, "amp": self.amp, "fused": self.fused}
         tensors, meta = training_state(self.optimizer, self.scheduler, self.scaler, self.step, self.epoch,
                                        self.batch_in_epoch, {"options": options})
-        ckpt.save_tensors(cdir / f"{name}.state.safetensors", tensors, {"format": STATE_FORMAT})
-        ckpt.atomic_write(cdir / f"{name}.state.json",
-                          lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+        tensors = snapshot(tensors)
         latest = {"step": self.step, "model": f"checkpoints/{name}.safetensors",
                   "state": f"checkpoints/{name}.state.safetensors", "state_json": f"checkpoints/{name}.state.json"}
-        ckpt.atomic_write(self.run_dir / "latest.json", lambda tmp: Path(tmp).write_text(json.dumps(latest)))
-        self._prune(cdir)
-        return model_path
+
+        def write() -> None:  # latest.json last: it only ever points at a complete checkpoint
+            ckpt.save_tensors(cdir / f"{name}.safetensors", model_state, model_meta)
+            ckpt.save_tensors(cdir / f"{name}.state.safetensors", tensors, {"format": STATE_FORMAT})
+            ckpt.atomic_write(cdir / f"{name}.state.json",
+                              lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+            ckpt.atomic_write(self.run_dir / "latest.json", lambda tmp: Path(tmp).write_text(json.dumps(latest)))
+            self._prune(cdir)
+
+        if self._save_pool is None:
+            self._save_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ostnet-checkpoint")
+        self._pending_save = self._save_pool.submit(write)
+        if wait:
+            self.wait_for_save()
+        return cdir / f"{name}.safetensors"
+
+    def wait_for_save(self) -> None:
+        """Block until the checkpoint being written (if any) is on disk; raise its error if it failed."""
+        pending, self._pending_save = self._pending_save, None
+        if pending is not None:
+            pending.result()
 
     def _prune(self, cdir: Path) -> None:
         keep = max(1, self.opts.keep_checkpoints)
@@ -839,7 +866,7 @@ class Trainer:
                     self._write_log(row)
                     t_last, steps_since = now, 0
                 if self.step % max(1, self.opts.save_every) == 0:
-                    self.save()
+                    self.save(wait=False)
                 if stop:
                     stopped = True
                     break
@@ -856,6 +883,13 @@ class Trainer:
                 self.log(f"done: {self.step} steps (stopped by {limit}); checkpoint in {self.run_dir / 'latest.json'}")
             return 0
         finally:
+            try:  # a periodic checkpoint still being written when an error ends the run: finish it
+                self.wait_for_save()
+            except Exception as e:
+                self.log(f"warning: the checkpoint being written in the background failed ({first_line(e)})")
+            if self._save_pool is not None:
+                self._save_pool.shutdown()
+                self._save_pool = None
             if self._pbar is not None:
                 self._pbar.close()
                 self._pbar = None
