@@ -245,6 +245,16 @@ if HAS_TRITON:
         return tl.where(mt[None, :], u, 0.0)
 
     @triton.jit
+    def tps_tile(tgt_ptr, T, HW, W, H1, W1, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr):
+        """This program's BLOCK_P output pixels: (offs_p, mask_p, px, py, u), u the radial-basis tile
+        (tps_basis), which does not depend on the sample: the TPS kernels reuse it for several."""
+        offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < HW
+        px, py = pixel_xy(offs_p, W, H1, W1, ACC)
+        u = tps_basis(px, py, tgt_ptr, T, ACC, BLOCK_T)
+        return offs_p, mask_p, px, py, u
+
+    @triton.jit
     def tps_eval(px, py, u, par_ptr, T, ACC: tl.constexpr, BLOCK_T: tl.constexpr):
         """f(p) = sum_i w_i U_i(p) + a_0 + a_x x + a_y y. par_ptr: (T+3, 2) params of this sample
         (rows w_1..w_T, a_0, a_x, a_y)."""

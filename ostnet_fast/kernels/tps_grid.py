@@ -98,11 +98,7 @@ if tu.HAS_TRITON:
         B, T, HW, W, H1, W1,  # H1 = max(H - 1, 1), W1 = max(W - 1, 1)
         ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, SAMPLES: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < HW
-        px, py = tu.pixel_xy(offs_p, W, H1, W1, ACC)
-        u = tu.tps_basis(px, py, tgt_ptr, T, ACC, BLOCK_T)  # (BLOCK_P, BLOCK_T), shared by SAMPLES samples
+        offs_p, mask_p, px, py, u = tu.tps_tile(tgt_ptr, T, HW, W, H1, W1, ACC, BLOCK_P, BLOCK_T)
         for s in tl.static_range(SAMPLES):
             b = tl.program_id(1).to(tl.int64) * SAMPLES + s
             if b < B:
@@ -121,10 +117,7 @@ if tu.HAS_TRITON:
         ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, SAMPLES: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < HW
-        px, py = tu.pixel_xy(offs_p, W, H1, W1, ACC)
-        u = tu.tps_basis(px, py, tgt_ptr, T, ACC, BLOCK_T)
+        offs_p, mask_p, px, py, u = tu.tps_tile(tgt_ptr, T, HW, W, H1, W1, ACC, BLOCK_P, BLOCK_T)
         for s in tl.static_range(SAMPLES):
             b = tl.program_id(1).to(tl.int64) * SAMPLES + s
             if b < B:

@@ -63,11 +63,7 @@ if tu.HAS_TRITON:
         else:
             s_w = 1
             o_p = 1
-        pid = tl.program_id(0)
-        offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < HW
-        px, py = tu.pixel_xy(offs_p, W, H1, W1, ACC)
-        u = tu.tps_basis(px, py, tgt_ptr, T, ACC, BLOCK_T)  # (BLOCK_P, BLOCK_T), shared by SAMPLES samples
+        offs_p, mask_p, px, py, u = tu.tps_tile(tgt_ptr, T, HW, W, H1, W1, ACC, BLOCK_P, BLOCK_T)
         for s in tl.static_range(SAMPLES):
             b = tl.program_id(1).to(tl.int64) * SAMPLES + s
             if b < B:
@@ -104,10 +100,7 @@ if tu.HAS_TRITON:
             s_w = 1
             g_p = 1
         pid = tl.program_id(0)
-        offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < HW
-        px, py = tu.pixel_xy(offs_p, W, H1, W1, ACC)
-        u = tu.tps_basis(px, py, tgt_ptr, T, ACC, BLOCK_T)
+        offs_p, mask_p, px, py, u = tu.tps_tile(tgt_ptr, T, HW, W, H1, W1, ACC, BLOCK_P, BLOCK_T)
         for s in tl.static_range(SAMPLES):
             b = tl.program_id(1).to(tl.int64) * SAMPLES + s
             if b < B:
