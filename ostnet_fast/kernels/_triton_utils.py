@@ -255,26 +255,54 @@ if HAS_TRITON:
         return offs_p, mask_p, px, py, u
 
     @triton.jit
-    def tps_eval(px, py, u, par_ptr, T, ACC: tl.constexpr, BLOCK_T: tl.constexpr):
-        """f(p) = sum_i w_i U_i(p) + a_0 + a_x x + a_y y. par_ptr: (T+3, 2) params of this sample
-        (rows w_1..w_T, a_0, a_x, a_y)."""
-        offs_t = tl.arange(0, BLOCK_T)
-        mt = offs_t < T
-        wx = tl.load(par_ptr + 2 * offs_t, mask=mt, other=0.0).to(ACC)
-        wy = tl.load(par_ptr + 2 * offs_t + 1, mask=mt, other=0.0).to(ACC)
-        a0x = tl.load(par_ptr + 2 * T).to(ACC)
-        a0y = tl.load(par_ptr + 2 * T + 1).to(ACC)
-        axx = tl.load(par_ptr + 2 * T + 2).to(ACC)
-        axy = tl.load(par_ptr + 2 * T + 3).to(ACC)
-        ayx = tl.load(par_ptr + 2 * T + 4).to(ACC)
-        ayy = tl.load(par_ptr + 2 * T + 5).to(ACC)
-        gx = tl.sum(u * wx[None, :], axis=1) + a0x + axx * px + ayx * py
-        gy = tl.sum(u * wy[None, :], axis=1) + a0y + axy * px + ayy * py
+    def sample_pair(B, PAIR: tl.constexpr):
+        """This program's samples (b0, b1, has_b1) on grid axis 1: 2 per program when PAIR (the last
+        program of an odd batch repeats b0 as b1, has_b1 False: compute it, store nothing), else 1."""
+        pid = tl.program_id(1).to(tl.int64)
+        if PAIR:
+            b0 = 2 * pid
+            has_b1 = b0 + 1 < B
+            b1 = tl.where(has_b1, b0 + 1, b0)
+        else:
+            b0 = pid
+            has_b1 = pid < 0
+            b1 = pid
+        return b0, b1, has_b1
+
+    @triton.jit
+    def tps_affine(px, py, aff_ptr, ACC: tl.constexpr):
+        """a_0 + a_x x + a_y y per coordinate; aff_ptr: the (3, 2) affine rows of a sample's params."""
+        gx = tl.load(aff_ptr).to(ACC) + tl.load(aff_ptr + 2).to(ACC) * px + tl.load(aff_ptr + 4).to(ACC) * py
+        gy = tl.load(aff_ptr + 1).to(ACC) + tl.load(aff_ptr + 3).to(ACC) * px + tl.load(aff_ptr + 5).to(ACC) * py
         return gx, gy
 
     @triton.jit
+    def tps_map(px, py, tgt_ptr, par0_ptr, par1_ptr, T, ACC: tl.constexpr, PAIR: tl.constexpr):
+        """f(p) = a_0 + a_x x + a_y y + sum_i w_i U(|p - t_i|) for 1-D pixel vectors, for the sample whose
+        (T+3, 2) params are at par0_ptr and, PAIR, also the one at par1_ptr: the radial basis (the costly
+        part, a log per fiducial) is shared. -> (gx0, gy0, gx1, gy1); without PAIR, sample 1 = sample 0.
+        A loop over the fiducials keeps every sum in its lane's registers. (Summing the (BLOCK_P, BLOCK_T)
+        tile of tps_basis over T instead, as the kernels did, spreads T over a warp's 32 lanes: 160 shuffles
+        per thread and sample on sm_90, and the SASS of the forward kernels was mostly those.)"""
+        gx0, gy0 = tps_affine(px, py, par0_ptr + 2 * T, ACC)
+        gx1, gy1 = gx0, gy0
+        if PAIR:
+            gx1, gy1 = tps_affine(px, py, par1_ptr + 2 * T, ACC)
+        for i in range(T):
+            dx = px - tl.load(tgt_ptr + 2 * i).to(ACC)
+            dy = py - tl.load(tgt_ptr + 2 * i + 1).to(ACC)
+            d2 = dx * dx + dy * dy
+            u = d2 * tl.log(tl.maximum(d2, 1e-30))  # as tps_basis
+            gx0 += tl.load(par0_ptr + 2 * i).to(ACC) * u
+            gy0 += tl.load(par0_ptr + 2 * i + 1).to(ACC) * u
+            if PAIR:
+                gx1 += tl.load(par1_ptr + 2 * i).to(ACC) * u
+                gy1 += tl.load(par1_ptr + 2 * i + 1).to(ACC) * u
+        return gx0, gy0, gx1, gy1
+
+    @triton.jit
     def tps_params_grad(px, py, u, ggx, ggy, part_ptr, T, BLOCK_T: tl.constexpr):
-        """Backward of tps_eval for one tile, reduced over its pixels and written (no atomics) to
+        """Backward of tps_map for one tile of tps_basis, reduced over its pixels and written (no atomics) to
         part_ptr: (T+3, 2), this program's slot of a (B, programs, T+3, 2) buffer the launcher sums.
           dL/dw_i = sum_p U_i(p) g(p);  dL/da_0 = sum_p g(p);  dL/da_x = sum_p x g(p);  dL/da_y = sum_p y g(p)
         ggx / ggy must be 0 at masked pixels."""

@@ -9,11 +9,12 @@ forward pass has no inverse or solve (ONNX/TensorRT friendly).
 
 Triton path (what is fused, and the design limits):
 - forward: params = coef @ C, (B, T+3, 2), is tiny and done in torch (fp32, fp64 for fp64 control
-  points). One program then owns BLOCK_P pixels of up to 4 samples (`tps_samples`): it evaluates the
-  radial basis once, in registers, as a (BLOCK_P, BLOCK_T) tile of U(|p - t_i|) (it does not depend on
-  the sample), and then the map of each sample: no (H*W, T) matrix is ever materialised.
+  points). One program then owns BLOCK_P pixels (one a thread) of two samples (`tu.tps_map`): a loop over
+  the fiducials evaluates U(|p - t_i|) once for both samples (it does not depend on the sample) and
+  accumulates both maps in registers. No (H*W, T) matrix is ever materialised, and no sum crosses lanes.
 - backward (to the control points only; target points and coef are constants, they get no grad):
-  dL/dw_i = sum_p U_i(p) g(p), dL/da = sum_p (1, x, y) g(p), reduced per program in registers and
+  dL/dw_i = sum_p U_i(p) g(p), dL/da = sum_p (1, x, y) g(p). Here the basis is a (BLOCK_P, BLOCK_T)
+  register tile, shared by up to 4 samples of a program (`tps_samples`), reduced over its pixels and
   written to a (B, programs, T+3, 2) partial buffer (no atomics, deterministic), summed in torch; then
   dL/dC = coef^T @ dL/dparams.
 - limits: T <= 128 (the basis tile lives in registers), H * W * 2 < 2**31, B <= 65535. The output has the
@@ -96,14 +97,17 @@ if tu.HAS_TRITON:
         tgt_ptr,  # (T, 2) contiguous target fiducials, ACC dtype
         grid_ptr,  # (B, H, W, 2) output grid, the control points' dtype
         B, T, HW, W, H1, W1,  # H1 = max(H - 1, 1), W1 = max(W - 1, 1)
-        ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, SAMPLES: tl.constexpr,
+        ACC: tl.constexpr, BLOCK_P: tl.constexpr, PAIR: tl.constexpr,
     ):
-        offs_p, mask_p, px, py, u = tu.tps_tile(tgt_ptr, T, HW, W, H1, W1, ACC, BLOCK_P, BLOCK_T)
-        for s in tl.static_range(SAMPLES):
-            b = tl.program_id(1).to(tl.int64) * SAMPLES + s
-            if b < B:
-                gx, gy = tu.tps_eval(px, py, u, par_ptr + b * (T + 3) * 2, T, ACC, BLOCK_T)
-                tu.store_grid(grid_ptr + b * HW * 2, offs_p, mask_p, gx, gy)
+        b0, b1, has_b1 = tu.sample_pair(B, PAIR)
+        offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < HW
+        px, py = tu.pixel_xy(offs_p, W, H1, W1, ACC)
+        gx0, gy0, gx1, gy1 = tu.tps_map(px, py, tgt_ptr, par_ptr + b0 * (T + 3) * 2, par_ptr + b1 * (T + 3) * 2,
+                                        T, ACC, PAIR)
+        tu.store_grid(grid_ptr + b0 * HW * 2, offs_p, mask_p, gx0, gy0)
+        if PAIR:
+            tu.store_grid(grid_ptr + b1 * HW * 2, offs_p, mask_p & has_b1, gx1, gy1)
 
     # Backward maths: f(p) = sum_i w_i U_i(p) + a_0 + a_x x + a_y y is linear in the params, so with
     # g(p) = dL/dgrid(p): dL/dw_i = sum_p U_i(p) g(p), dL/da_0 = sum_p g(p), dL/da_x = sum_p x g(p),
@@ -126,20 +130,33 @@ if tu.HAS_TRITON:
                                    T, BLOCK_T)
 
 
-def tps_blocks(t: int) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_T, num_warps) for the TPS kernels; raises past the register-tile limit on T.
-    128 pixels on 8 warps (one pixel per thread): 56 registers forward, 108 backward on sm_90 (T = 20);
-    4 warps doubles the backward's registers (168)."""
+# Forward kernels (tu.tps_map): one pixel per thread, 4 warps, two samples per program when B > 1.
+MAP_BLOCK_P, MAP_WARPS = 128, 4
+
+
+def map_launch(hw: int, batch: int) -> tuple[int, int]:
+    """The forward kernels' grid: pixel blocks x sample pairs (tu.sample_pair)."""
+    return triton.cdiv(hw, MAP_BLOCK_P), triton.cdiv(batch, 2) if batch > 1 else 1
+
+
+def check_fiducial_count(t: int) -> None:
     if t > tu.MAX_FIDUCIALS:
         raise ValueError(f"TPS kernels keep the basis in registers: T must be <= {tu.MAX_FIDUCIALS}, got {t}")
+
+
+def tps_blocks(t: int) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_T, num_warps) for the TPS kernels' basis tile (backward); raises past the
+    register-tile limit on T. 128 pixels on 8 warps: 108 registers for the grid's backward on sm_90
+    (T = 20, one sample a program); 4 warps doubles that (168)."""
+    check_fiducial_count(t)
     block_t = max(tu.next_pow2(t), 2)
     return max(16, min(128, 4096 // block_t)), block_t, 8
 
 
 def tps_samples(batch: int) -> int:
-    """Samples per program of the TPS kernels: the radial basis depends only on the pixel and the fixed
-    target points, so one program evaluates it once and reuses it for up to 4 samples: a quarter of the
-    log() work at batch 8, while 256x256 at batch 8 still launches 1024 programs (enough for an H100)."""
+    """Samples per program of the TPS backward kernels: the radial basis tile depends only on the pixel
+    and the fixed target points, so one program evaluates it once and reuses it for up to 4 samples: a
+    quarter of the log() work at batch 8, while 256x256 at batch 8 still launches 1024 programs."""
     return min(4, tu.next_pow2(max(batch, 1)))
 
 
@@ -169,12 +186,10 @@ def _tps_grid_fwd(params: torch.Tensor, target: torch.Tensor, size: tuple[int, i
     if grid.numel() == 0:
         return grid
     tu.check_launch("tps_grid", b, h * w * 2)
-    block_p, block_t, warps = tps_blocks(t)
-    launch, samples = tps_launch(h * w, b, block_p)
-    _tps_grid_fwd_kernel[launch](
+    check_fiducial_count(t)  # the forward has no limit; the backward would refuse later
+    _tps_grid_fwd_kernel[map_launch(h * w, b)](
         par_ptr=params, tgt_ptr=target, grid_ptr=grid, B=b, T=t, HW=h * w, W=w, H1=max(h - 1, 1),
-        W1=max(w - 1, 1), ACC=tu.acc_dtype(params), BLOCK_P=block_p, BLOCK_T=block_t, SAMPLES=samples,
-        num_warps=warps)
+        W1=max(w - 1, 1), ACC=tu.acc_dtype(params), BLOCK_P=MAP_BLOCK_P, PAIR=b > 1, num_warps=MAP_WARPS)
     return grid
 
 

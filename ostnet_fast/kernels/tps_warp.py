@@ -4,17 +4,18 @@ Convention: see tps_grid.py (TPS map, control vs target points) and grid_sample.
 padding, align_corners=True).
 
 Triton path (what is fused, and the design limits):
-- forward, ONE kernel: a program owns BLOCK_P output pixels of up to 4 samples, evaluates the radial-
-  basis tile (BLOCK_P, T) once in registers (it depends on the pixel only), then per sample the TPS map
-  (params = coef @ C precomputed in torch, tiny) and samples the image bilinearly, looping over
-  channels with the tap weights computed once (the same device functions as grid_sample,
-  `_triton_utils`). No grid tensor is written or read.
-- backward, ONE kernel, flags for the grads that are needed: the grid is recomputed in registers; image
-  grad is scattered with fp32 atomics into a zero-filled buffer as in grid_sample's backward (see its
-  header for why atomics and why contention stays low); the grid grad of each pixel is reduced over
-  channels in registers and chained straight into the TPS params reduction (dL/dw_i = sum_p U_i(p) g(p),
-  affine rows likewise), written per program to a (B, programs, T+3, 2) partial buffer (no atomics) that
-  torch sums; dL/dC = coef^T @ dL/dparams. Target points and coef are constants: no grad.
+- forward, ONE kernel: a program owns BLOCK_P output pixels (one a thread) of two samples, evaluates
+  both TPS maps in registers with one radial basis (`tu.tps_map`; params = coef @ C precomputed in
+  torch, tiny), then samples each image bilinearly, looping over channels with the tap weights computed
+  once (the same device functions as grid_sample, `_triton_utils`). No grid tensor is written or read.
+- backward, ONE kernel, flags for the grads that are needed: the grid is recomputed in registers
+  (`tu.tps_map` per sample; the (BLOCK_P, BLOCK_T) basis tile, shared by up to 4 samples, serves the
+  params reduction); image grad is scattered with fp32 atomics into a zero-filled buffer as in
+  grid_sample's backward (see its header for why atomics and why contention stays low); the grid grad
+  of each pixel is reduced over channels in registers and chained straight into the TPS params
+  reduction (dL/dw_i = sum_p U_i(p) g(p), affine rows likewise), written per program to a
+  (B, programs, T+3, 2) partial buffer (no atomics) that torch sums; dL/dC = coef^T @ dL/dparams.
+  Target points and coef are constants: no grad.
 - NCHW and channels-last images (output in the image's memory format and dtype); maths in fp32 (fp64 when
   the image or the control points are fp64). The reference rounds the grid to the control points' and
   then the image's dtype; the fused path keeps it in fp32, so fp16/bf16 results differ by that rounding.
@@ -28,7 +29,8 @@ from torch.autograd.function import once_differentiable
 from . import _triton_utils as tu
 from ._dispatch import use_triton
 from .grid_sample import grid_sample_reference
-from .tps_grid import check_tps_args, tps_blocks, tps_grid_reference, tps_launch, tps_params, tps_params_backward
+from .tps_grid import (MAP_BLOCK_P, MAP_WARPS, check_tps_args, map_launch, tps_blocks, tps_grid_reference, tps_launch,
+                       tps_params, tps_params_backward)
 
 if tu.HAS_TRITON:
     import triton
@@ -46,6 +48,15 @@ def tps_warp_reference(image: torch.Tensor, control_points: torch.Tensor, target
 if tu.HAS_TRITON:
 
     @triton.jit
+    def _sample(img_ptr, out_ptr, gx, gy, C, H_in, W_in, s_c, s_h, s_w, o_c, o_p, offs_p, mask_p,
+                ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One sample's output pixels: bilinear taps at (gx, gy), all channels."""
+        off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1 = tu.bilinear_taps(
+            gx, gy, H_in, W_in, mask_p, s_h, s_w)
+        tu.sample_fwd_channels(img_ptr, out_ptr, C, s_c, o_c, o_p, offs_p, mask_p,
+                               off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1, ACC=ACC, BLOCK_C=BLOCK_C)
+
+    @triton.jit
     def _tps_warp_fwd_kernel(
         img_ptr,  # (B, C, H_in, W_in) image, NCHW or channels-last
         par_ptr,  # (B, T+3, 2) contiguous TPS params [w; a], ACC dtype
@@ -54,8 +65,8 @@ if tu.HAS_TRITON:
         B, C, H_in, W_in, T, HW, W, H1, W1,  # H1 = max(H - 1, 1), W1 = max(W - 1, 1)
         s_b, s_c, s_h, s_w,  # image strides
         o_b, o_c, o_p,  # output strides of a sample, a channel, a flat pixel h * W + w
-        CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
-        BLOCK_C: tl.constexpr, SAMPLES: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+        PAIR: tl.constexpr,
     ):
         if CHANNELS_LAST:
             s_c = 1
@@ -63,16 +74,17 @@ if tu.HAS_TRITON:
         else:
             s_w = 1
             o_p = 1
-        offs_p, mask_p, px, py, u = tu.tps_tile(tgt_ptr, T, HW, W, H1, W1, ACC, BLOCK_P, BLOCK_T)
-        for s in tl.static_range(SAMPLES):
-            b = tl.program_id(1).to(tl.int64) * SAMPLES + s
-            if b < B:
-                gx, gy = tu.tps_eval(px, py, u, par_ptr + b * (T + 3) * 2, T, ACC, BLOCK_T)
-                off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1 = tu.bilinear_taps(
-                    gx, gy, H_in, W_in, mask_p, s_h, s_w)
-                tu.sample_fwd_channels(img_ptr + b * s_b, out_ptr + b * o_b, C, s_c, o_c, o_p, offs_p, mask_p,
-                                       off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1,
-                                       ACC=ACC, BLOCK_C=BLOCK_C)
+        b0, b1, has_b1 = tu.sample_pair(B, PAIR)
+        offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < HW
+        px, py = tu.pixel_xy(offs_p, W, H1, W1, ACC)
+        gx0, gy0, gx1, gy1 = tu.tps_map(px, py, tgt_ptr, par_ptr + b0 * (T + 3) * 2, par_ptr + b1 * (T + 3) * 2,
+                                        T, ACC, PAIR)
+        _sample(img_ptr + b0 * s_b, out_ptr + b0 * o_b, gx0, gy0, C, H_in, W_in, s_c, s_h, s_w, o_c, o_p,
+                offs_p, mask_p, ACC, BLOCK_C)
+        if PAIR:
+            _sample(img_ptr + b1 * s_b, out_ptr + b1 * o_b, gx1, gy1, C, H_in, W_in, s_c, s_h, s_w, o_c, o_p,
+                    offs_p, mask_p & has_b1, ACC, BLOCK_C)
 
     # Backward maths: out(p) = bilinear(image, f(p)), f = TPS map linear in params.
     #   dL/dgrid(p) = (dL/dix * (W_in - 1) / 2, dL/diy * (H_in - 1) / 2)   (tu.sample_bwd_channels)
@@ -104,7 +116,7 @@ if tu.HAS_TRITON:
         for s in tl.static_range(SAMPLES):
             b = tl.program_id(1).to(tl.int64) * SAMPLES + s
             if b < B:
-                gx, gy = tu.tps_eval(px, py, u, par_ptr + b * (T + 3) * 2, T, ACC, BLOCK_T)
+                gx, gy, _, _ = tu.tps_map(px, py, tgt_ptr, par_ptr + b * (T + 3) * 2, par_ptr, T, ACC, False)
                 off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1 = tu.bilinear_taps(
                     gx, gy, H_in, W_in, mask_p, s_h, s_w)
                 dix, diy = tu.sample_bwd_channels(
@@ -119,15 +131,15 @@ if tu.HAS_TRITON:
 
 
 def _warp_blocks(channels: int, channels_last: bool, backward: bool, fp64: bool) -> tuple[int, int]:
-    """(BLOCK_C, num_warps); BLOCK_P is 128 (one pixel per thread on 8 warps) unless T is large.
-    From sm_90 register counts (T = 20): the (BLOCK_P, BLOCK_T) basis tile shares the registers with the
-    sampling, so chunks stay narrower than grid_sample's. NCHW C = 3: forward 40 registers (chunk 4),
-    backward 74 (chunk 1; chunk 4 costs 128); channels-last C % 16 == 0: chunk 16, 64 / 165; other
-    channels-last: chunk 1 (see _triton_utils.sample_blocks), 39 / 73.
+    """(BLOCK_C, num_warps of the backward; the forward runs MAP_WARPS). Chunks from sm_90 register counts
+    (T = 20; SASS compiled offline, not timed): NCHW C = 3, forward 40 registers (chunk 4), backward 79
+    (chunk 1; chunk 4 costs 128). Channels-last: the per-pixel map is replicated over the lanes that share
+    a pixel's channels, so wide chunks cost registers: forward chunk 2 (64; chunk 16 would take 255),
+    backward chunk 4 (126; 16 -> 255); odd channel counts (the model's RGB) chunk 1, 38 / 79.
     float64 (tests only) takes a chunk of at least 4: Triton 3.6 fails to compile the fp64 image-only
     backward with a chunk of 1 (RemoveLayoutConversions: "operand does not dominate this use")."""
     if channels_last:
-        block_c = 16 if channels % 16 == 0 else 1
+        block_c = (4 if channels % 4 == 0 else 1) if backward else (2 if channels % 2 == 0 else 1)
     elif backward:
         block_c = 1 if channels <= 4 else 4
     else:
@@ -140,12 +152,16 @@ def _launch_args(image: torch.Tensor, t: int, size: tuple[int, int], backward: b
     h, w = size
     cl = tu.is_channels_last(image)
     block_c, warps = _warp_blocks(c, cl, backward, fp64)
-    block_p, block_t, _ = tps_blocks(t)
-    launch, samples = tps_launch(h * w, b, block_p)
-    common = dict(B=b, C=c, H_in=h_in, W_in=w_in, T=t, HW=h * w, W=w, H1=max(h - 1, 1), W1=max(w - 1, 1),
+    block_p, block_t, _ = tps_blocks(t)  # also refuses a T over the limit
+    common = dict(C=c, H_in=h_in, W_in=w_in, T=t, HW=h * w, W=w, H1=max(h - 1, 1), W1=max(w - 1, 1),
                   s_b=image.stride(0), s_c=image.stride(1), s_h=image.stride(2), s_w=image.stride(3),
-                  CHANNELS_LAST=cl, BLOCK_P=block_p, BLOCK_T=block_t, BLOCK_C=block_c, SAMPLES=samples,
-                  num_warps=warps)
+                  CHANNELS_LAST=cl, BLOCK_C=block_c)
+    common["B"] = b
+    if not backward:  # tu.tps_map: one pixel per thread, sample pairs
+        common.update(BLOCK_P=MAP_BLOCK_P, PAIR=b > 1, num_warps=MAP_WARPS)
+        return cl, map_launch(h * w, b), common
+    launch, samples = tps_launch(h * w, b, block_p)
+    common.update(BLOCK_P=block_p, BLOCK_T=block_t, SAMPLES=samples, num_warps=warps)
     return cl, launch, common
 
 
