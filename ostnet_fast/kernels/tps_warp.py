@@ -131,11 +131,14 @@ if tu.HAS_TRITON:
 
 
 def _warp_blocks(channels: int, channels_last: bool, backward: bool, fp64: bool) -> tuple[int, int]:
-    """(BLOCK_C, num_warps of the backward; the forward runs MAP_WARPS). Chunks from sm_90 register counts
-    (T = 20; SASS compiled offline, not timed): NCHW C = 3, forward 40 registers (chunk 4), backward 79
-    (chunk 1; chunk 4 costs 128). Channels-last: the per-pixel map is replicated over the lanes that share
-    a pixel's channels, so wide chunks cost registers: forward chunk 2 (64; chunk 16 would take 255),
-    backward chunk 4 (126; 16 -> 255); odd channel counts (the model's RGB) chunk 1, 38 / 79.
+    """(BLOCK_C, num_warps of the backward; the forward runs MAP_WARPS). From sm_90 SASS compiled offline
+    with the launches' own specialisations (`bench/sass_report.py`; T = 20, not timed):
+    - forward: one pixel per thread for the map, so a chunk of channels that the loads would vectorise
+      along pixels (NCHW) forces layout conversions: NCHW chunk 4 took 109 registers and 47 barriers,
+      chunk 1 takes 40 and none. Channels-last: chunk 2 for an even C (64 registers; chunk 16 took 255),
+      else 1 (the model's RGB, 38).
+    - backward: NCHW C = 3 chunk 1 (64 registers); channels-last chunk 4 when C % 4 == 0 (126; 16 took
+      255), else 1 (58).
     float64 (tests only) takes a chunk of at least 4: Triton 3.6 fails to compile the fp64 image-only
     backward with a chunk of 1 (RemoveLayoutConversions: "operand does not dominate this use")."""
     if channels_last:
@@ -143,7 +146,7 @@ def _warp_blocks(channels: int, channels_last: bool, backward: bool, fp64: bool)
     elif backward:
         block_c = 1 if channels <= 4 else 4
     else:
-        block_c = 4 if channels <= 4 else 8
+        block_c = 1
     return (max(block_c, 4) if fp64 else block_c), 8
 
 
