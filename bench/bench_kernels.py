@@ -77,9 +77,9 @@ def cases(quick: bool):
             img = rand(b, 3, 256, 256, dtype=dtype, grad=True)
             A = tg.tps_grid_matrix(target, coef, (256, 256)).float()  # (HW, T): the best plain-PyTorch form
             yield dict(op="tps_grid", shape=f"B{b} 256x256 T20", dtype=dtype, inputs=[ctrl],
-                       ours=lambda: tg.tps_grid(ctrl, target, coef, (256, 256), impl="triton"),
-                       baseline=lambda: tg.tps_grid_reference(ctrl, target, coef, (256, 256)),
-                       torch_best=lambda: (A @ ctrl).view(ctrl.shape[0], 256, 256, 2))
+                       ours=lambda: tg.tps_grid(ctrl.to(dtype), target, coef, (256, 256), impl="triton"),
+                       baseline=lambda: tg.tps_grid_reference(ctrl.to(dtype), target, coef, (256, 256)),
+                       torch_best=lambda: (A.to(dtype) @ ctrl.to(dtype)).view(ctrl.shape[0], 256, 256, 2))
             yield dict(op="tps_warp", shape=f"B{b} 3x256x256", dtype=dtype, inputs=[img, ctrl],
                        ours=lambda: tw.tps_warp(img, ctrl.to(img.dtype), target, coef, impl="triton"),
                        baseline=lambda: F.grid_sample(img, tg.tps_grid_reference(ctrl, target, coef, (256, 256)).to(img.dtype),

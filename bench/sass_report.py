@@ -29,14 +29,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's kernels, also when another one is installed
-TORCH_TO_TRITON = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int32": "i32",
-                   "int64": "i64", "int8": "i8", "uint8": "u8", "bool": "i1"}
 
 
 # -- phase 1: record the launches (runs with TRITON_INTERPRET=1) -------------------------------------------
 def record_launches(config: str, size: int) -> list[dict]:
     import torch
     import triton.language as tl
+    from triton._C.libtriton import native_specialize_impl  # what JITFunction.run calls on each argument
+    from triton.backends.compiler import BaseBackend
     from triton.runtime.interpreter import InterpretedFunction
 
     from ostnet_fast import OSTNet
@@ -44,20 +44,18 @@ def record_launches(config: str, size: int) -> list[dict]:
     launches: dict[str, dict] = {}
 
     def describe(value, constexpr: bool):
-        if isinstance(value, torch.Tensor):
-            return {"ptr": TORCH_TO_TRITON[str(value.dtype).removeprefix("torch.")],
-                    "div16": value.data_ptr() % 16 == 0}
+        """How Triton's launcher specialises the argument: its type, a value of 1 as a constant, a
+        16-divisible pointer or integer marked so (the real launch's own function, not a copy)."""
         if isinstance(value, tl.dtype):
             return {"constexpr": {"tl_dtype": value.name}}
         if constexpr or value is None:
             return {"constexpr": value}
-        if isinstance(value, bool):
-            return {"scalar": "i1"}
-        if isinstance(value, int):
-            return {"scalar": "i32" if -2**31 <= value < 2**31 else "i64", "div16": value % 16 == 0}
-        if isinstance(value, float):
-            return {"scalar": "fp32"}
-        raise TypeError(f"unrecorded argument type {type(value).__name__}")
+        kind, key = native_specialize_impl(BaseBackend, value, False, True, True)
+        if kind == "constexpr":
+            return {"constexpr": key}
+        if kind.startswith("*"):
+            return {"ptr": kind[1:], "div16": key == "D"}
+        return {"scalar": kind, "div16": key == "D"}
 
     def recording_run(self, *args, grid, warmup, **kwargs):
         options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+
+def _has_nvdisasm() -> bool:
+    spec = importlib.util.find_spec("triton")
+    return spec is not None and (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists()
+
+
+pytestmark = pytest.mark.skipif(not _has_nvdisasm(), reason="needs triton with its CUDA tools (nvdisasm)")
 
 
 def test_the_tps_forward_map_sums_in_registers(tmp_path):

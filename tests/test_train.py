@@ -212,15 +212,38 @@ def test_periodic_checkpoints_are_written_in_the_background_from_a_copy(tmp_path
     assert_same_tensors(params_of(straight.model), params_of(resumed.model), "parameters/buffers")
 
 
-def test_a_failed_checkpoint_write_ends_the_run_with_its_error(tmp_path, monkeypatch):
+def test_a_failed_checkpoint_write_ends_the_run_at_the_next_step(tmp_path, monkeypatch):
     def disk_full(path, tensors, metadata):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(ckpt, "save_tensors", disk_full)
     data = tiny_dataset(tmp_path / "data")
     with pytest.raises(OSError, match="No space left on device"):
-        run_training(options(config=tiny_config(), data=str(data), out=str(tmp_path / "run"), max_steps=3,
-                             save_every=1))
+        run_training(options(config=tiny_config(), data=str(data), out=str(tmp_path / "run"), max_steps=6,
+                             save_every=2))
     assert not (tmp_path / "run" / "latest.json").exists()
+    # Step 2's write failed at once; step 3 (a training step later) ends the run, not step 4's save.
+    assert len((tmp_path / "run" / "log.csv").read_text().splitlines()) == 1 + 3
+
+
+def test_each_checkpoint_is_written_once_and_pruning_keeps_the_one_latest_names(tmp_path, monkeypatch):
+    data = tiny_dataset(tmp_path / "data")
+    cfg = tiny_config()
+    real_save, written = ckpt.save_tensors, []
+
+    def counting_save(path, tensors, metadata):
+        written.append(Path(path).name)
+        return real_save(path, tensors, metadata)
+    monkeypatch.setattr(ckpt, "save_tensors", counting_save)
+    run_training(options(config=cfg, data=str(data), out=str(tmp_path / "run"), max_steps=4, save_every=2,
+                         keep_checkpoints=5))
+    assert sorted(written) == sorted(f"step_{s:08d}{x}" for s in (2, 4) for x in (".safetensors", ".state.safetensors"))
+    # Resumed from step 2 with step 4 on disk, keeping one: the new step 3 is the one kept (latest.json's).
+    cdir = tmp_path / "run" / "checkpoints"
+    run_training(TrainOptions(resume=str(cdir / "step_00000002.safetensors"), max_steps=3, keep_checkpoints=1,
+                              random_vgg=True, num_workers=0, progress=False, device="cpu", log_every=1))
+    assert json.loads((tmp_path / "run" / "latest.json").read_text())["step"] == 3
+    assert sorted(p.name for p in cdir.glob("step_*.safetensors")) == ["step_00000003.safetensors",
+                                                                       "step_00000003.state.safetensors"]
 
 
 def test_resume_with_larger_batches_starts_the_next_epoch_when_this_one_is_used_up(tmp_path):

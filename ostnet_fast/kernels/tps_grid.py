@@ -154,9 +154,10 @@ def tps_blocks(t: int) -> tuple[int, int, int]:
 
 
 def tps_samples(batch: int) -> int:
-    """Samples per program of the TPS backward kernels: the radial basis tile depends only on the pixel
-    and the fixed target points, so one program evaluates it once and reuses it for up to 4 samples: a
-    quarter of the log() work at batch 8, while 256x256 at batch 8 still launches 1024 programs."""
+    """Samples per program of the TPS backward kernels: the radial basis tile (for the params reduction)
+    depends only on the pixel and the fixed target points, so one program evaluates it once for up to 4
+    samples; 256x256 at batch 8 still launches 1024 programs. (The warp's backward also recomputes each
+    sample's map with tu.tps_map, T more logs per sample, to keep its sum over T off the shuffles.)"""
     return min(4, tu.next_pow2(max(batch, 1)))
 
 

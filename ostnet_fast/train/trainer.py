@@ -461,6 +461,7 @@ class Trainer:
         self._resume = None
         self._save_pool: ThreadPoolExecutor | None = None  # writes checkpoint files (save)
         self._pending_save = None
+        self._saved_step = -1  # the step of the last checkpoint handed to the writer
         if opts.resume:
             self._resume = latest_checkpoint(opts.resume)
             run_dir = self._resume["run_dir"]
@@ -670,9 +671,13 @@ class Trainer:
         write at a time: a save first waits for the previous one, and raises its error if it failed."""
         if not self.env.master:
             return None
-        self.wait_for_save()
         cdir = self.run_dir / "checkpoints"
         name = f"step_{self.step:08d}"
+        if self._saved_step == self.step:  # e.g. the last step was also a periodic save: written once
+            if wait:
+                self.wait_for_save()
+            return cdir / f"{name}.safetensors"
+        self.wait_for_save()
         # Copies, also on CPU: the next steps update parameters and optimizer state in place.
         snapshot = lambda d: {k: v.detach().to("cpu", copy=True) for k, v in d.items()}  # noqa: E731
         model_state = snapshot(self.model.state_dict())
@@ -691,11 +696,11 @@ class Trainer:
             ckpt.atomic_write(cdir / f"{name}.state.json",
                               lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
             ckpt.atomic_write(self.run_dir / "latest.json", lambda tmp: Path(tmp).write_text(json.dumps(latest)))
-            self._prune(cdir)
+            self._prune(cdir, keep_also=name)
 
         if self._save_pool is None:
             self._save_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ostnet-checkpoint")
-        self._pending_save = self._save_pool.submit(write)
+        self._pending_save, self._saved_step = self._save_pool.submit(write), self.step
         if wait:
             self.wait_for_save()
         return cdir / f"{name}.safetensors"
@@ -706,10 +711,17 @@ class Trainer:
         if pending is not None:
             pending.result()
 
-    def _prune(self, cdir: Path) -> None:
+    def _raise_if_a_save_failed(self) -> None:
+        """Called every step: a background write that failed ends the run now, not at the next save."""
+        if self._pending_save is not None and self._pending_save.done():
+            self.wait_for_save()
+
+    def _prune(self, cdir: Path, keep_also: str) -> None:
+        """Keep the newest keep_checkpoints step names, and always `keep_also` (the one latest.json names:
+        after --resume from an older checkpoint, newer names can be left from the abandoned run)."""
         keep = max(1, self.opts.keep_checkpoints)
-        steps = sorted({p.name.split(".")[0] for p in cdir.glob("step_*.safetensors")})
-        for old in steps[:-keep]:
+        steps = sorted({p.name.split(".")[0] for p in cdir.glob("step_*.safetensors")} - {keep_also})
+        for old in steps[:len(steps) - (keep - 1)]:
             for suffix in (".safetensors", ".state.safetensors", ".state.json"):
                 (cdir / f"{old}{suffix}").unlink(missing_ok=True)
 
@@ -865,6 +877,7 @@ class Trainer:
                         self.log(f"warning: non-finite loss at step {self.step}")
                     self._write_log(row)
                     t_last, steps_since = now, 0
+                self._raise_if_a_save_failed()
                 if self.step % max(1, self.opts.save_every) == 0:
                     self.save(wait=False)
                 if stop:
@@ -883,13 +896,6 @@ class Trainer:
                 self.log(f"done: {self.step} steps (stopped by {limit}); checkpoint in {self.run_dir / 'latest.json'}")
             return 0
         finally:
-            try:  # a periodic checkpoint still being written when an error ends the run: finish it
-                self.wait_for_save()
-            except Exception as e:
-                self.log(f"warning: the checkpoint being written in the background failed ({first_line(e)})")
-            if self._save_pool is not None:
-                self._save_pool.shutdown()
-                self._save_pool = None
             if self._pbar is not None:
                 self._pbar.close()
                 self._pbar = None
@@ -900,6 +906,16 @@ class Trainer:
                 shutdown()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            # Last, after the cleanup above (an interrupt while waiting must not skip it): a periodic
+            # checkpoint still being written when an error ends the run is finished.
+            try:
+                self.wait_for_save()
+            except Exception as e:
+                self.log(f"warning: the checkpoint being written in the background failed ({first_line(e)})")
+            finally:
+                if self._save_pool is not None:
+                    self._save_pool.shutdown(wait=False)  # its last job is done, or it is being interrupted
+                    self._save_pool = None
 
     def _warn_every_rank(self, msg: str) -> None:
         """A message from any rank (log() prints rank 0's only): what went wrong on this one."""
