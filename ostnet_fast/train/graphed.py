@@ -123,12 +123,11 @@ class GraphedTrainStep:
                 self._capture(inputs)
             except Exception as e:  # noqa: BLE001 -- any capture failure: say why, train on eagerly
                 error = root_cause(e)
-                self._graph, self._outputs = None, None
                 torch.cuda.synchronize()
             if self.agree is not None and not self.agree(error is None) and error is None:
                 error = "it failed on another rank"
+            if error is not None:  # this rank's graph, if it captured one, is never replayed
                 self._graph, self._outputs = None, None
-            if error is not None:
                 self.failed = error
                 self.warn(f"CUDA graph capture of the training step failed ({error}); "
                           "training on without graphs (--no-cuda-graphs hides this message)")
