@@ -134,9 +134,12 @@ if tu.HAS_TRITON:
 MAP_BLOCK_P, MAP_WARPS = 128, 4
 
 
-def map_launch(hw: int, batch: int) -> tuple[int, int]:
-    """The forward kernels' grid: pixel blocks x sample pairs (tu.sample_pair)."""
-    return triton.cdiv(hw, MAP_BLOCK_P), triton.cdiv(batch, 2) if batch > 1 else 1
+def map_launch(hw: int, batch: int, t: int) -> tuple[tuple[int, int], bool]:
+    """(grid, PAIR) of a forward kernel: pixel blocks x sample pairs (tu.sample_pair) when batch > 1.
+    Refuses a T over the backward's limit now rather than at the backward (the forward has none)."""
+    check_fiducial_count(t)
+    pair = batch > 1
+    return (triton.cdiv(hw, MAP_BLOCK_P), triton.cdiv(batch, 2) if pair else 1), pair
 
 
 def check_fiducial_count(t: int) -> None:
@@ -187,10 +190,10 @@ def _tps_grid_fwd(params: torch.Tensor, target: torch.Tensor, size: tuple[int, i
     if grid.numel() == 0:
         return grid
     tu.check_launch("tps_grid", b, h * w * 2)
-    check_fiducial_count(t)  # the forward has no limit; the backward would refuse later
-    _tps_grid_fwd_kernel[map_launch(h * w, b)](
+    launch, pair = map_launch(h * w, b, t)
+    _tps_grid_fwd_kernel[launch](
         par_ptr=params, tgt_ptr=target, grid_ptr=grid, B=b, T=t, HW=h * w, W=w, H1=max(h - 1, 1),
-        W1=max(w - 1, 1), ACC=tu.acc_dtype(params), BLOCK_P=MAP_BLOCK_P, PAIR=b > 1, num_warps=MAP_WARPS)
+        W1=max(w - 1, 1), ACC=tu.acc_dtype(params), BLOCK_P=MAP_BLOCK_P, PAIR=pair, num_warps=MAP_WARPS)
     return grid
 
 

@@ -155,14 +155,14 @@ def _launch_args(image: torch.Tensor, t: int, size: tuple[int, int], backward: b
     h, w = size
     cl = tu.is_channels_last(image)
     block_c, warps = _warp_blocks(c, cl, backward, fp64)
-    block_p, block_t, _ = tps_blocks(t)  # also refuses a T over the limit
-    common = dict(C=c, H_in=h_in, W_in=w_in, T=t, HW=h * w, W=w, H1=max(h - 1, 1), W1=max(w - 1, 1),
+    common = dict(B=b, C=c, H_in=h_in, W_in=w_in, T=t, HW=h * w, W=w, H1=max(h - 1, 1), W1=max(w - 1, 1),
                   s_b=image.stride(0), s_c=image.stride(1), s_h=image.stride(2), s_w=image.stride(3),
                   CHANNELS_LAST=cl, BLOCK_C=block_c)
-    common["B"] = b
     if not backward:  # tu.tps_map: one pixel per thread, sample pairs
-        common.update(BLOCK_P=MAP_BLOCK_P, PAIR=b > 1, num_warps=MAP_WARPS)
-        return cl, map_launch(h * w, b), common
+        launch, pair = map_launch(h * w, b, t)
+        common.update(BLOCK_P=MAP_BLOCK_P, PAIR=pair, num_warps=MAP_WARPS)
+        return cl, launch, common
+    block_p, block_t, _ = tps_blocks(t)
     launch, samples = tps_launch(h * w, b, block_p)
     common.update(BLOCK_P=block_p, BLOCK_T=block_t, SAMPLES=samples, num_warps=warps)
     return cl, launch, common
