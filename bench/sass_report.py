@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib
+import inspect
 import json
 import os
 import re
@@ -60,7 +61,7 @@ def record_launches(config: str, size: int) -> list[dict]:
     def recording_run(self, *args, grid, warmup, **kwargs):
         options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
         bound = dict(zip(self.arg_names, args), **kwargs)
-        constexprs = {n for n, p in __import__("inspect").signature(self.fn).parameters.items()
+        constexprs = {n for n, p in inspect.signature(self.fn).parameters.items()
                       if p.annotation in (tl.constexpr, "tl.constexpr")}
         spec = {"module": self.fn.__module__, "kernel": self.fn.__name__, "options": options,
                 "args": {n: describe(bound[n], n in constexprs) for n in self.arg_names if n in bound}}
