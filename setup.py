@@ -38,7 +38,7 @@ setup(
         "tensorrt-rtx": ["tensorrt-rtx-cu13-libs", "tensorrt-rtx-cu13-bindings"],
         "dev": ["pytest>=8", "triton>=3.0", "av>=12", "scikit-video>=1.1.11", "scikit-image",
                 "onnx>=1.15", "onnxruntime>=1.17", "onnx-graphsurgeon>=0.5", "polygraphy>=0.49",
-                "onnxscript"],
+                "onnxscript", "dlib-bin", "face-recognition-models"],
     },
     entry_points={"console_scripts": ["ostnet-fast=ostnet_fast.cli:main"]},
 )

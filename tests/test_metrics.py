@@ -2,6 +2,7 @@
 import argparse
 import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -95,12 +96,20 @@ def test_lpips_file_that_is_not_tensors_is_one_line(tmp_path):
     assert "is not a loadable LPIPS state dict" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_face_metrics_need_their_packages():
-    # find_spec, not import: face_recognition_models' __init__ imports pkg_resources, gone from new setuptools.
-    if importlib.util.find_spec("dlib") and importlib.util.find_spec("face_recognition_models"):
-        pytest.skip("dlib and face-recognition-models are installed")
-    with pytest.raises(MissingDependencyError, match="pip install dlib face-recognition-models"):
-        FaceMetrics()
+def test_face_metrics_need_their_packages(monkeypatch):
+    # Each package made absent in turn (the dev install has both): dlib cannot be imported; then
+    # face_recognition_models cannot be found (find_spec, not import: its __init__ imports pkg_resources,
+    # gone from new setuptools).
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "dlib", None)  # `import dlib` raises ImportError
+        with pytest.raises(MissingDependencyError, match="pip install dlib face-recognition-models"):
+            FaceMetrics()
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "face_recognition_models" else real_find_spec(name, *a))
+    if real_find_spec("dlib") is not None:  # else the dlib case above already covers this environment
+        with pytest.raises(MissingDependencyError, match="pip install dlib face-recognition-models"):
+            FaceMetrics()
 
 
 def _checkpoint_and_data(tmp_path):
