@@ -9,6 +9,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -108,6 +109,32 @@ RANGE_PREFIXES = ("frame", "stage::", "Optimizer.", "ProfilerStep")
 def kernel_events(events) -> list:
     """The GPU-side profiler events that are kernels and copies, not ranges that would count them twice."""
     return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.key.startswith(RANGE_PREFIXES)]
+
+
+# Kernel families by name, first match wins: what a step's GPU time goes to.
+KERNEL_CATEGORIES = (
+    ("conv/gemm (cuDNN, cuBLAS)", r"conv|cudnn|xmma|cutlass|gemm|sm\d\d_|wgrad|dgrad|implicit|nhwc|winograd|fft"),
+    ("inductor triton", r"^triton_"),
+    ("ours (triton)", r"^_"),
+    ("optimizer (foreach)", r"multi_tensor|foreach|adam"),
+    ("batch norm", r"batch_norm|bn_"),
+    ("pooling / upsample", r"pool|upsample|interp"),
+    ("grid_sample (aten)", r"grid_sampler"),
+    ("reductions (aten)", r"reduce|norm"),
+    ("elementwise (aten)", r"elementwise|unrolled|vectorized"),
+    ("copies / memset", r"memcpy|memset|copy"),
+)
+
+
+def kernel_categories(kernels) -> list[tuple[str, float, int]]:
+    """(category, GPU us, kernel calls) per KERNEL_CATEGORIES family, largest first; the rest is "other"."""
+    totals: dict[str, list] = {}
+    for e in kernels:
+        name = next((c for c, rx in KERNEL_CATEGORIES if re.search(rx, e.key, re.IGNORECASE)), "other")
+        t = totals.setdefault(name, [0.0, 0])
+        t[0] += e.self_device_time_total
+        t[1] += e.count
+    return sorted(((c, us, n) for c, (us, n) in totals.items()), key=lambda r: -r[1])
 
 
 def peak_memory_mib(fn: Callable[[], object]) -> float:

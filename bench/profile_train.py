@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import build, layout  # noqa: E402
-from common import kernel_events  # noqa: E402
+from common import kernel_categories, kernel_events  # noqa: E402
 
 from ostnet_fast import load_config  # noqa: E402
 from ostnet_fast.train.losses import load_vgg19  # noqa: E402
@@ -51,9 +51,13 @@ def main(argv=None) -> int:
             step(inputs)
         torch.cuda.synchronize()
     events = prof.key_averages()
-    kernel_us = sum(e.self_device_time_total for e in kernel_events(events))
+    kernels = kernel_events(events)
+    kernel_us = sum(e.self_device_time_total for e in kernels)
     print(f"{args.mode} ({amp}, batch {args.batch_size}): GPU kernel time {kernel_us / steps / 1000:.2f} ms/step, "
           f"CPU wall {prof.profiler.self_cpu_time_total / steps / 1000:.2f} ms/step (self CPU total)")
+    print(f"{'kernel family':<28} {'ms/step':>8} {'share':>6} {'calls/step':>10}")
+    for name, us, calls in kernel_categories(kernels):
+        print(f"{name:<28} {us / steps / 1000:8.2f} {us / max(kernel_us, 1e-9):6.1%} {calls / steps:10.0f}")
     print(events.table(sort_by="self_device_time_total", row_limit=args.top, max_name_column_width=70))
     return 0
 

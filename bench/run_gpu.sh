@@ -37,10 +37,11 @@ for stage in "${stages[@]}"; do
     train)    $T python3 bench/bench_train.py --out "$OUT" ${TRAIN_ARGS:-} || status=1 ;;
     engines)  $T python3 bench/bench_engines.py --out "$OUT" ${ENGINE_ARGS:-} || status=1 ;;
     pipeline) $T python3 bench/bench_pipeline.py --out "$OUT" ${PIPELINE_ARGS:-} || status=1 ;;
-    profile)  for mode in reference fused; do
-                $T python3 bench/profile_train.py --mode $mode > "$OUT/profile_train_$mode.txt" 2>&1 || status=1
-                head -n 40 "$OUT/profile_train_$mode.txt"
+    profile)  for mode in ${PROFILE_MODES:-reference fused}; do  # file names without '+' (not every copier keeps them)
+                $T python3 bench/profile_train.py --mode $mode > "$OUT/profile_train_${mode//+/_}.txt" 2>&1 || status=1
+                head -n 60 "$OUT/profile_train_${mode//+/_}.txt"
               done
+              [ -n "${PROFILE_MODES:-}" ] && continue  # only the training modes asked for
               $T python3 bench/profile_model.py --fused --fp16 --graph --channels-last > "$OUT/profile_model.txt" 2>&1 || status=1
               head -n 40 "$OUT/profile_model.txt" ;;
     ddp)      ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
