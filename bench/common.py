@@ -113,9 +113,9 @@ def kernel_events(events) -> list:
 
 # Kernel families by name, first match wins: what a step's GPU time goes to.
 KERNEL_CATEGORIES = (
+    ("ours (triton)", r"^_\w+_kernel$"),  # our @triton.jit names (_zconv_..., _tps_..., _dm_...)
     ("conv/gemm (cuDNN, cuBLAS)", r"conv|cudnn|xmma|cutlass|gemm|sm\d\d_|wgrad|dgrad|implicit|nhwc|winograd|fft"),
     ("inductor triton", r"^triton_"),
-    ("ours (triton)", r"^_"),
     ("optimizer (foreach)", r"multi_tensor|foreach|adam"),
     ("batch norm", r"batch_norm|bn_"),
     ("pooling / upsample", r"pool|upsample|interp"),
