@@ -890,7 +890,10 @@ _PHASE_TAPS = ((( 1, 0, 0), (0, 1, 1)),   # a = 0: taps at x rows i - 1, i
 
 def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
     """(C_out, C_in, 3, 3) -> (4 C_out, C_in, 2, 2), output channel 4 o + 2 a + b: phase (a, b)'s filter."""
-    taps = torch.tensor(_PHASE_TAPS, dtype=weight.dtype, device=weight.device)  # (a, k, y)
+    key = ("phase_taps", str(weight.device), weight.dtype)
+    if key not in _TABLE_CACHE:  # cached per device: no host-to-device copy inside a CUDA graph capture
+        _TABLE_CACHE[key] = torch.tensor(_PHASE_TAPS, dtype=weight.dtype, device=weight.device)
+    taps = _TABLE_CACHE[key]  # (a, k, y)
     w4 = torch.einsum("aky,oiyx,blx->oabikl", taps, weight, taps)  # (C_out, 2, 2, C_in, 2, 2)
     return w4.reshape(4 * weight.shape[0], weight.shape[1], 2, 2)
 
