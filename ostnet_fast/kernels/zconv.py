@@ -7,7 +7,6 @@ convolution stays in cuDNN and one epilogue adds E(b), the BN, the ReLU and the 
 
 Fused path (`impl="triton"`, or "auto" on CUDA):
   conv_out = F.conv2d(x or upsample(x), W, bias=None, padding=1)     cuDNN, autograd as usual
-             (upsample_conv3x3, the sub-pixel form of the "up" conv, is tested but not switched on: untimed)
   E        = (zb outer M) @ W                                           (B, 9, C_out), torch, fp32
   out      = ZConvEpilogueFn(conv_out, E, conv.bias, BN params)          Triton:
     inference: one pass over conv_out: y = conv_out + bias + E[class] -> folded BN -> ReLU -> pool,
@@ -18,8 +17,9 @@ Fused path (`impl="triton"`, or "auto" on CUDA):
                the epilogue pass.
   backward : one reduction pass (per-sample sums for the BN backward), one small launch over the O(H + W)
              border pixels only (per-border-class sums, only with zb), one small launch for the per-channel
-             math (_zconv_bwd_finalize_kernel), and one pass writing dL/dconv_out; the conv backward is cuDNN's (autograd of F.conv2d) and dL/dzb and
-             the E part of dL/dW come from autograd of the tiny E matmul, fed with
+             math (_zconv_bwd_finalize_kernel), and one pass writing dL/dconv_out; the conv backward is
+             cuDNN's (autograd of F.conv2d) and dL/dzb and the E part of dL/dW come from autograd of the tiny
+             E matmul, fed with
              dL/dE[n, q, o] = sum over the class-q pixels of dL/dy (derivation above _zconv_grad_tile).
   Tiles: 1024 elements, (16 pixels x 64 channels) channels-last, (256 pixels x 4 channels) NCHW, unit
   strides as constexprs so loads vectorise along the contiguous axis. Compiled ahead of time for sm_90
@@ -880,49 +880,8 @@ def _log_once(why: str) -> None:
     log.info("zconv_block: using the PyTorch reference (%s)", why)
 
 
-# Sub-pixel form of conv3x3(nearest_up2(x)). Output row 2i + a reads upsampled rows 2i + a - 1 .. 2i + a + 1,
-# which are x rows (i - 1, i, i) for a = 0 and (i, i, i + 1) for a = 1: a 2-tap filter per phase, with the
-# kernel rows summed as _PHASE_TAPS[a] says (the same for columns). Zero padding agrees: upsampled row -1 is
-# x row -1, upsampled row 2H is x row H.
-_PHASE_TAPS = ((( 1, 0, 0), (0, 1, 1)),   # a = 0: taps at x rows i - 1, i
-               (( 1, 1, 0), (0, 0, 1)))   # a = 1: taps at x rows i, i + 1
-
-
-def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(C_out, C_in, 3, 3) -> (4 C_out, C_in, 2, 2), output channel 4 o + 2 a + b: phase (a, b)'s filter."""
-    key = ("phase_taps", str(weight.device), weight.dtype)
-    if key not in _TABLE_CACHE:  # cached per device: no host-to-device copy inside a CUDA graph capture
-        _TABLE_CACHE[key] = torch.tensor(_PHASE_TAPS, dtype=weight.dtype, device=weight.device)
-    taps = _TABLE_CACHE[key]  # (a, k, y)
-    w4 = torch.einsum("aky,oiyx,blx->oabikl", taps, weight, taps)  # (C_out, 2, 2, C_in, 2, 2)
-    return w4.reshape(4 * weight.shape[0], weight.shape[1], 2, 2)
-
-
-def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.conv2d(F.interpolate(x, scale_factor=2), weight, padding=1) without the upsampled tensor.
-
-    One cuDNN conv of x with the four phases' 2x2 filters (padding 1: (H + 1) x (W + 1) windows, phase (a, b)
-    at window (i + a, j + b)), then one interleaving copy. 4/9 of the multiply-adds of the 3x3 conv at 2H x 2W
-    (forward, and both backward convs), and no upsample backward: under torch.compile that is a scatter
-    of atomic adds (~0.9 ms for the generator's last up block at batch 8 on an H200). Output in x's memory
-    format."""
-    b, _, h, w = x.shape
-    cout = weight.shape[0]
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        w4 = subpixel_weight(weight)  # exact tap sums in the weight's dtype; autocast casts at the conv
-    y = F.conv2d(x, w4, None, padding=1).unflatten(1, (cout, 2, 2))  # (B, C_out, a, b, H + 1, W + 1)
-    phases = [[y[:, :, a, c, a:a + h, c:c + w] for c in (0, 1)] for a in (0, 1)]  # (B, C_out, H, W) each
-    if _channels_last(x):
-        rows = [torch.stack([p.permute(0, 2, 3, 1) for p in row], dim=3) for row in phases]  # (B, H, W, 2, C)
-        return torch.stack(rows, dim=2).reshape(b, 2 * h, 2 * w, cout).permute(0, 3, 1, 2)
-    rows = [torch.stack(row, dim=-1) for row in phases]  # (B, C_out, H, W, 2)
-    return torch.stack(rows, dim=3).reshape(b, cout, 2 * h, 2 * w)
-
-
 def _zconv_block_triton(x, zb, conv: nn.Conv2d, norm: nn.BatchNorm2d, mode: str) -> torch.Tensor:
     if mode == "up":
-        # Not upsample_conv3x3 yet: with it the eager fused step measured 57.5 ms against 52.2 ms a session
-        # earlier (H200, different runs); to be timed in one run before it is switched on.
         x = F.interpolate(x, scale_factor=2)  # (B, C_in, 2H, 2W)
     conv_out = F.conv2d(x, conv.weight, None, padding=1)  # (B, C_out, Hc, Wc), cuDNN, no bias, no zb
     b, c, hc, wc = conv_out.shape

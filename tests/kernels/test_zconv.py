@@ -248,55 +248,6 @@ def test_unsupported_conv_raises_under_triton_and_falls_back_under_auto():
         torch.testing.assert_close(out, zc.zconv_block_reference(x, None, conv, norm, "same"))
 
 
-UP_SHAPES = [(2, 3, 5, 7, 9), (1, 2, 3, 1, 6), (2, 4, 2, 5, 1), (1, 1, 1, 1, 1)]  # (B, C_in, C_out, H, W)
-
-
-@pytest.mark.parametrize("shape", UP_SHAPES)
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_upsample_conv3x3_equals_conv_of_the_upsampled_input(shape, channels_last, dtype):
-    # Pure PyTorch (cuDNN on GPU): runs on CPU without Triton. Output, memory format, and the gradients to
-    # x and to the 3x3 weight through the sub-pixel filters.
-    b, cin, cout, h, w = shape
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(b, cin, h, w, generator=gen, dtype=torch.float64).to(dtype)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(cout, cin, 3, 3, generator=gen, dtype=torch.float64).to(dtype)
-    x.requires_grad_(True)
-    weight.requires_grad_(True)
-    out = zc.upsample_conv3x3(x, weight)
-    ref = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2), weight, padding=1)
-    assert out.shape == ref.shape == (b, cout, 2 * h, 2 * w)
-    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    up = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype)
-    grads = torch.autograd.grad(out, (x, weight), up)
-    ref_grads = torch.autograd.grad(ref, (x, weight), up)
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=tol, atol=tol * max(1.0, r.abs().max().item()))
-
-
-def test_upsample_conv3x3_gradcheck():
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 2, 3, 2, generator=gen, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(3, 2, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(zc.upsample_conv3x3, (x, weight))
-
-
-def test_subpixel_weight_phases():
-    # Phase (0, 0) of output channel o reads x rows (i - 1, i) with kernel rows (W0, W1 + W2), columns likewise.
-    weight = torch.arange(2 * 1 * 9, dtype=torch.float64).view(2, 1, 3, 3)
-    w4 = zc.subpixel_weight(weight)
-    assert w4.shape == (8, 1, 2, 2)
-    w = weight[1, 0]
-    rows = torch.stack([w[0], w[1] + w[2]])
-    torch.testing.assert_close(w4[4, 0], torch.stack([rows[:, 0], rows[:, 1] + rows[:, 2]], dim=1))
-    rows = torch.stack([w[0] + w[1], w[2]])  # phase (1, 1): rows (W0 + W1, W2), columns likewise
-    torch.testing.assert_close(w4[7, 0], torch.stack([rows[:, 0] + rows[:, 1], rows[:, 2]], dim=1))
-
-
 def test_bad_arguments_raise():
     conv, norm = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
     x = torch.randn(2, 3, 4, 4)
