@@ -25,6 +25,15 @@ def triton_available() -> bool:
     return _triton_utils.HAS_TRITON  # a plain attribute: dynamo traces it without a cache wrapper
 
 
+def exporting() -> bool:
+    """torch.export (and the exporters built on it) is tracing. Reads the flag behind
+    torch.compiler.is_exporting(): dynamo in torch 2.11 folds that call to True under plain torch.compile
+    too (pytorch/pytorch#176347, fixed by #176499), which sent every compiled fused model to the reference;
+    dynamo traces a read of the module attribute as the value it has."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -53,7 +62,7 @@ def use_triton(op: str, impl: str, *tensors: torch.Tensor | None) -> bool:
             raise RuntimeError(f"{op}: impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 on CPU")
         return True
     # auto
-    if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+    if torch.onnx.is_in_onnx_export() or exporting():
         return False  # exported graphs run without Python: no torch.ops.ostnet.* in them
     if not on_cuda:
         return False

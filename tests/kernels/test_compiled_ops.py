@@ -214,5 +214,28 @@ def test_auto_takes_the_reference_while_exporting(monkeypatch):
     from ostnet_fast.kernels import _dispatch
     on_cuda = SimpleNamespace(is_cuda=True)  # what the dispatch reads of a CUDA tensor
     assert _dispatch.use_triton("grid_sample", "auto", on_cuda)
-    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    monkeypatch.setattr(torch.compiler, "_is_exporting_flag", True)
     assert not _dispatch.use_triton("grid_sample", "auto", on_cuda)
+
+
+class _Branch(torch.nn.Module):
+    def forward(self, x):
+        return x + 1 if _exporting() else x - 1
+
+
+def _exporting():
+    from ostnet_fast.kernels._dispatch import exporting
+    return exporting()
+
+
+def test_exporting_is_false_under_compile_and_true_under_export():
+    """torch 2.11's dynamo folds torch.compiler.is_exporting() to True under torch.compile (pytorch#176347):
+    the fused model then compiled to the reference. Our check must tell the two apart, in a compiled graph
+    and in strict and non-strict torch.export."""
+    x = torch.zeros(3)
+    torch._dynamo.reset()
+    assert torch.compile(_Branch(), backend="eager", fullgraph=True)(x)[0] == -1
+    for strict in (False, True):
+        program = torch.export.export(_Branch(), (x,), strict=strict)
+        assert program.module()(x)[0] == 1, f"strict={strict}"
+    assert not _exporting()
