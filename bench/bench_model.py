@@ -9,6 +9,7 @@ ratios to reference eager and to the best torch.compile, and fused-vs-reference 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,7 @@ def main(argv=None) -> int:
         return model
     fused = fused_model()
     fused_cl = fused_model().to(memory_format=torch.channels_last) if args.channels_last else None
+    ref_cl = copy.deepcopy(ref).to(memory_format=torch.channels_last) if args.channels_last else None
     size = ref.config.image_size
     source = torch.rand(1, 3, size, size, device="cuda")
     rows = []
@@ -69,6 +71,7 @@ def main(argv=None) -> int:
             ref_state = ref.encode_source(source)
             fused_state = fused.encode_source(source) if run_fused else None
             cl_state = fused_cl.encode_source(cl(source)) if fused_cl is not None else None
+            ref_cl_state = ref_cl.encode_source(cl(source)) if ref_cl is not None else None
         for b in map(int, args.batches.split(",")):
             driving = torch.rand(b, 3, size, size, device="cuda")
             variants = {"reference eager": make_step(ref, ref_state, dtype)}
@@ -84,6 +87,8 @@ def main(argv=None) -> int:
                 variants["fused channels-last"] = make_step(fused_cl, cl_state, dtype)
                 variants["fused channels-last + CUDA graphs"] = ("graph", fused_cl, cl_state)
                 variants["fused channels-last compile + CUDA graphs"] = ("graph", fused_cl, cl_state, "compile")
+                # The same without our kernels: inductor's code everywhere, in our CUDA graph.
+                variants["reference channels-last compile + CUDA graphs"] = ("graph", ref_cl, ref_cl_state, "compile")
             variants = {k: v for k, v in variants.items() if not wanted or k in wanted or k == "reference eager"}
             base_ms = None
             best_compile_ms = None
@@ -93,7 +98,7 @@ def main(argv=None) -> int:
                 try:
                     t0 = time.perf_counter()
                     if isinstance(fn, tuple) and fn[0] == "graph":
-                        x = cl(driving) if fn[1] is fused_cl else driving
+                        x = cl(driving) if fn[1] in (fused_cl, ref_cl) else driving
                         step = make_step(fn[1], fn[2], dtype)
                         if fn[3:] == ("compile",):
                             torch._dynamo.reset()

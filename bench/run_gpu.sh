@@ -34,7 +34,10 @@ for stage in "${stages[@]}"; do
               tail -n 30 "$OUT/gpu_tests.log" ;;
     kernels)  $T python3 bench/bench_kernels.py --out "$OUT" ${KERNEL_ARGS:-} > "$OUT/kernels.txt" 2>&1 || status=1; tail -n 80 "$OUT/kernels.txt" ;;
     model)    $T python3 bench/bench_model.py --out "$OUT" ${MODEL_ARGS:-} || status=1 ;;
-    train)    $T python3 bench/bench_train.py --out "$OUT" ${TRAIN_ARGS:-} || status=1 ;;
+    train)    # the fused+compile rows mean something only if our ops are in the compiled graphs: count them first
+              $T python3 bench/compiled_ops.py > "$OUT/compiled_ops.txt" 2>&1 || status=1
+              grep -v Warning "$OUT/compiled_ops.txt" | tail -n 5
+              $T python3 bench/bench_train.py --out "$OUT" ${TRAIN_ARGS:-} || status=1 ;;
     engines)  $T python3 bench/bench_engines.py --out "$OUT" ${ENGINE_ARGS:-} || status=1 ;;
     pipeline) $T python3 bench/bench_pipeline.py --out "$OUT" ${PIPELINE_ARGS:-} || status=1 ;;
     profile)  for mode in ${PROFILE_MODES:-reference fused}; do  # file names without '+' (not every copier keeps them)

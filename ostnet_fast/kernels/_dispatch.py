@@ -2,8 +2,10 @@
 
 `impl="auto"` takes the Triton kernel on CUDA tensors and the pure-PyTorch reference otherwise:
 off CUDA, under `torch.onnx.is_in_onnx_export()` or `torch.export`, or with `OSTNET_IMPL=reference` in the
-environment. Under torch.compile every kernel enters the graph as its custom op (`torch.ops.ostnet.*`,
-opaque to dynamo; each op's file registers it), eagerly as its autograd Function. `impl="triton"` forces
+environment; `OSTNET_REFERENCE_OPS=zconv_block,tps_warp` sends only the listed ops (names as in OPS) to the
+reference, to time or debug one kernel at a time. Under torch.compile every kernel enters the graph as its
+custom op (`torch.ops.ostnet.*`, opaque to dynamo; each op's file registers it), eagerly as its autograd
+Function. `impl="triton"` forces
 the kernel (on CPU only under `TRITON_INTERPRET=1`, which the tests use); a forced kernel that cannot run
 raises, it never falls back silently.
 """
@@ -19,6 +21,8 @@ from . import _triton_utils
 
 log = logging.getLogger("ostnet_fast.kernels")
 IMPLS = ("auto", "reference", "triton")
+OPS = ("dense_motion_combine", "dense_motion_front", "grid_sample", "keypoint_head", "tps_grid", "tps_warp",
+       "zconv_block")
 
 
 def triton_available() -> bool:
@@ -34,6 +38,15 @@ def exporting() -> bool:
     return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
+def reference_ops() -> set[str]:
+    """The ops OSTNET_REFERENCE_OPS sends to the reference (comma list); an unknown name is an error."""
+    names = {n.strip() for n in os.environ.get("OSTNET_REFERENCE_OPS", "").split(",") if n.strip()}
+    unknown = names - set(OPS)
+    if unknown:
+        raise ValueError(f"OSTNET_REFERENCE_OPS: unknown op(s) {sorted(unknown)}; known: {OPS}")
+    return names
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -43,11 +56,19 @@ def _log_fallback_once(op: str, why: str) -> None:
     log.info("%s: using the PyTorch reference (%s)", op, why)
 
 
+def forced(impl: str) -> bool:
+    """The kernel was asked for by name (impl="triton", or "auto" with OSTNET_IMPL=triton): no heuristic may
+    send the op to the reference."""
+    return impl == "triton" or (impl == "auto" and os.environ.get("OSTNET_IMPL") == "triton")
+
+
 def use_triton(op: str, impl: str, *tensors: torch.Tensor | None) -> bool:
     """Decide whether `op` runs its Triton kernel for these tensors."""
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
+        if op in reference_ops():
+            return False
         impl = os.environ.get("OSTNET_IMPL", "auto")
         if impl not in IMPLS:
             raise ValueError(f"OSTNET_IMPL must be one of {IMPLS}, got {impl!r}")

@@ -239,3 +239,26 @@ def test_exporting_is_false_under_compile_and_true_under_export():
         program = torch.export.export(_Branch(), (x,), strict=strict)
         assert program.module()(x)[0] == 1, f"strict={strict}"
     assert not _exporting()
+
+
+def test_reference_ops_sends_only_the_listed_ops_to_the_reference(monkeypatch):
+    from types import SimpleNamespace
+
+    from ostnet_fast.kernels import _dispatch
+    on_cuda = SimpleNamespace(is_cuda=True)
+    monkeypatch.setenv("OSTNET_REFERENCE_OPS", "zconv_block, tps_warp")
+    assert not _dispatch.use_triton("zconv_block", "auto", on_cuda)
+    assert not _dispatch.use_triton("tps_warp", "auto", on_cuda)
+    assert _dispatch.use_triton("grid_sample", "auto", on_cuda)
+    assert _dispatch.use_triton("zconv_block", "triton", on_cuda)  # a forced kernel stays forced
+    monkeypatch.setenv("OSTNET_REFERENCE_OPS", "zconv")
+    with pytest.raises(ValueError, match="unknown op.*zconv"):
+        _dispatch.use_triton("zconv_block", "auto", on_cuda)
+
+
+def test_forced_means_asked_for_by_name(monkeypatch):
+    from ostnet_fast.kernels._dispatch import forced
+    monkeypatch.delenv("OSTNET_IMPL", raising=False)
+    assert forced("triton") and not forced("auto") and not forced("reference")
+    monkeypatch.setenv("OSTNET_IMPL", "triton")
+    assert forced("auto") and not forced("reference")
