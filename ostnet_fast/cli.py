@@ -218,7 +218,8 @@ def _add_model_options(p: argparse.ArgumentParser, batch: bool = True) -> None:
     g.add_argument("--no-cuda-graphs", action="store_true", help="--backend fused without CUDA graph capture")
     g.add_argument("--compile", action="store_true", help="--backend fused: also torch.compile the per-frame "
                    "step (inductor fuses the code between the fused kernels). About 30 s of compiling at the "
-                   "first frame; then the fastest frame measured (H200, batch 1 fp16: 1.57 vs 2.12 ms)")
+                   "first frame; then the fastest frame measured (H200, batch 1 fp16: 1.50 ms, 1.13x reduce-overhead "
+                   "compile of the reference)")
     g = p.add_argument_group("crop")
     g.add_argument("--detector", choices=("auto", "center", "mtcnn"), default="auto",
                    help="face box: auto = facenet-pytorch MTCNN when installed, else a fixed centre square "
