@@ -26,18 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import layout  # noqa: E402
 
 from ostnet_fast import OSTNet, load_config  # noqa: E402
+from ostnet_fast.kernels._dispatch import ops_in_graph  # noqa: E402
 from ostnet_fast.train.losses import TrainingModel, load_vgg19  # noqa: E402
 from ostnet_fast.train.trainer import autocast_context, prepare_batch, resolve_amp  # noqa: E402
-
-
-def ostnet_ops(gm: torch.fx.GraphModule) -> collections.Counter:
-    """Counts of ostnet::* calls in an FX graph (by op name, without the overload)."""
-    counts = collections.Counter()
-    for node in gm.graph.nodes:
-        name = str(node.target) if node.op == "call_function" else ""
-        if name.startswith("ostnet."):
-            counts[name.split(".")[1]] += 1
-    return counts
 
 
 def main(argv=None) -> int:
@@ -65,7 +56,7 @@ def main(argv=None) -> int:
 
     def recorder(kind):
         def compiler(gm, example_inputs):
-            graphs.append((kind, ostnet_ops(gm), len(gm.graph.nodes)))
+            graphs.append((kind, ops_in_graph(gm), len(gm.graph.nodes)))
             return gm.forward
         return compiler
 

@@ -178,16 +178,18 @@ def test_trainer_replays_the_graph_and_writes_checkpoints(tmp_path, capsys):
 
 def test_the_compiled_fused_step_runs_our_kernels_and_equals_eager():
     """torch.compile of the fused model keeps our kernels as torch.ops.ostnet.* in its forward and backward
-    graphs (torch 2.11 once sent it to the reference without a word; the z-conv blocks excepted), and its loss and gradients match eager."""
+    graphs (torch 2.11 once sent it to the reference without a word; the z-conv blocks excepted), and its
+    loss and gradients match eager."""
     from torch._dynamo.backends.common import aot_autograd
+
+    from ostnet_fast.kernels._dispatch import ops_in_graph
 
     cfg, model, tm, _, _, params = setup(True, False, "bf16")
     seen = {"forward": set(), "backward": set()}
 
     def recorder(kind):
         def compiler(gm, example_inputs):
-            seen[kind] |= {str(n.target).split(".")[1] for n in gm.graph.nodes
-                           if n.op == "call_function" and str(n.target).startswith("ostnet.")}
+            seen[kind] |= set(ops_in_graph(gm))
             return gm.forward
         return compiler
 

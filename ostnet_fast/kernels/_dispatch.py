@@ -4,13 +4,14 @@
 off CUDA, under `torch.onnx.is_in_onnx_export()` or `torch.export`, or with `OSTNET_IMPL=reference` in the
 environment; `OSTNET_REFERENCE_OPS=zconv_block,tps_warp` sends only the listed ops (names as in OPS) to the
 reference, to time or debug one kernel at a time. Under torch.compile every kernel enters the graph as its
-custom op (`torch.ops.ostnet.*`, opaque to dynamo; each op's file registers it), eagerly as its autograd
-Function. `impl="triton"` forces
-the kernel (on CPU only under `TRITON_INTERPRET=1`, which the tests use); a forced kernel that cannot run
-raises, it never falls back silently.
+custom op (`torch.ops.ostnet.*`, opaque to dynamo; each op's file registers it; `ops_in_graph` counts them
+in a compiled graph), eagerly as its autograd Function. `impl="triton"` forces the kernel (on CPU only under
+`TRITON_INTERPRET=1`, which the tests use); a forced kernel that cannot run raises, it never falls back
+silently.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
@@ -36,6 +37,13 @@ def exporting() -> bool:
     dynamo traces a read of the module attribute as the value it has."""
     flag = getattr(torch.compiler, "_is_exporting_flag", None)
     return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
+def ops_in_graph(gm: torch.fx.GraphModule) -> collections.Counter:
+    """How many times each torch.ops.ostnet.* op (by name, forward and backward ops apart) is called in an FX
+    graph, e.g. one torch.compile hands its backend: what a compiled model really runs of ours."""
+    names = (str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+    return collections.Counter(name.split(".")[1] for name in names if name.startswith("ostnet."))
 
 
 def reference_ops() -> set[str]:
