@@ -132,7 +132,8 @@ def sass_stats(spec: dict, bin_dir: Path, work: Path) -> dict:
             "shared_bytes": kernel.metadata.shared, "instructions": len(lines),
             "shuffles": ops["SHFL"], "barriers": ops["BAR"], "shared_loads": ops["LDS"], "shared_stores": ops["STS"],
             "global_loads": ops["LDG"], "global_stores": ops["STG"], "atomics": ops["RED"] + ops["ATOMG"] + ops["ATOM"],
-            "ffma": ops["FFMA"], "mufu": ops["MUFU"], "hottest_loop": hottest}
+            "ffma": ops["FFMA"], "mufu": ops["MUFU"], "mufu_lg2": sum("MUFU.LG2" in t for _, t in lines),
+            "hottest_loop": hottest}
 
 
 def main(argv=None) -> int:
