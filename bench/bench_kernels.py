@@ -80,11 +80,13 @@ def cases(quick: bool):
                        ours=lambda: tg.tps_grid(ctrl.to(dtype), target, coef, (256, 256), impl="triton"),
                        baseline=lambda: tg.tps_grid_reference(ctrl.to(dtype), target, coef, (256, 256)),
                        torch_best=lambda: (A.to(dtype) @ ctrl.to(dtype)).view(ctrl.shape[0], 256, 256, 2))
-            yield dict(op="tps_warp", shape=f"B{b} 3x256x256", dtype=dtype, inputs=[img, ctrl],
-                       ours=lambda: tw.tps_warp(img, ctrl.to(img.dtype), target, coef, impl="triton"),
-                       baseline=lambda: F.grid_sample(img, tg.tps_grid_reference(ctrl, target, coef, (256, 256)).to(img.dtype),
+            # Both sides get the control points in the image's dtype, as the model's keypoints come.
+            ctrl_d = ctrl.detach().to(dtype).requires_grad_(True)
+            yield dict(op="tps_warp", shape=f"B{b} 3x256x256", dtype=dtype, inputs=[img, ctrl_d],
+                       ours=lambda: tw.tps_warp(img, ctrl_d, target, coef, impl="triton"),
+                       baseline=lambda: F.grid_sample(img, tg.tps_grid_reference(ctrl_d, target, coef, (256, 256)),
                                                       align_corners=True),
-                       torch_best=lambda: F.grid_sample(img, (A @ ctrl).view(ctrl.shape[0], 256, 256, 2).to(img.dtype),
+                       torch_best=lambda: F.grid_sample(img, (A.to(dtype) @ ctrl_d).view(ctrl.shape[0], 256, 256, 2),
                                                         align_corners=True))
             # grid_sample at the model's shapes: K+1 deformed sources, bottleneck features, channels-last.
             for label, shape, cl in ((f"B{b}x16 3x64x64", (b * 16, 3, 64, 64), False),
