@@ -176,10 +176,12 @@ def test_trainer_replays_the_graph_and_writes_checkpoints(tmp_path, capsys):
     assert trainer._graphed.replays == replays + 1 and not torch.equal(before, flat(trainer.model))
 
 
-def test_the_compiled_fused_step_runs_our_kernels_and_equals_eager():
+def test_the_compiled_fused_step_runs_our_kernels_and_equals_eager(monkeypatch):
     """torch.compile of the fused model keeps our kernels as torch.ops.ostnet.* in its forward and backward
     graphs (torch 2.11 once sent it to the reference without a word; the z-conv blocks excepted), and its
-    loss and gradients match eager."""
+    loss and gradients match an eager step that makes the same choices (the z-conv blocks on the reference:
+    fused vs. reference z-conv alone moves these fp32 gradients by ~2e-3, see test_train.py's float64
+    comparison). TF32 off: it would round the two sides' convolutions differently."""
     from torch._dynamo.backends.common import aot_autograd
 
     from ostnet_fast.kernels._dispatch import ops_in_graph
@@ -198,11 +200,16 @@ def test_the_compiled_fused_step_runs_our_kernels_and_equals_eager():
                                                       bw_compiler=recorder("backward")))
     inputs = next(batches(cfg, 1))
     grads, losses = [], []
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     for module in (tm, compiled):
         for p in params:
             p.grad = None
-        loss, _ = module(*inputs)
-        loss.backward()
+        with monkeypatch.context() as env:
+            if module is tm:
+                env.setenv("OSTNET_REFERENCE_OPS", "zconv_block")
+            loss, _ = module(*inputs)
+            loss.backward()
         losses.append(loss.detach())
         grads.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]))
     assert {"tps_warp", "keypoint_head", "dense_motion_front", "dense_motion_combine"} <= seen["forward"], seen
