@@ -186,3 +186,63 @@ def test_bad_cropper_arguments():
         FaceCropper("center", smoothing=1.0)
     with pytest.raises(ValueError, match="detector"):
         FaceCropper("haar")
+
+
+def _fake_facenet(monkeypatch, mtcnn_class):
+    """Install a stand-in `facenet_pytorch` module (the real one needs a torchvision built for this torch):
+    what is checked is our adapter around MTCNN.detect, not the detector."""
+    import importlib.machinery
+    import sys
+    import types
+    module = types.ModuleType("facenet_pytorch")
+    module.__spec__ = importlib.machinery.ModuleSpec("facenet_pytorch", None)
+    module.MTCNN = mtcnn_class
+    monkeypatch.setitem(sys.modules, "facenet_pytorch", module)
+
+
+class _BatchMTCNN:
+    """MTCNN.detect's batch output as facenet-pytorch 2.6 gives it: per frame a (K, 4) box array and (K,)
+    probabilities, unsorted; a faceless frame gives None and [None]; ragged, so object arrays."""
+
+    def __init__(self, keep_all, device):
+        assert keep_all is False and device == torch.device("cpu")
+
+    def detect(self, batch):
+        assert batch.shape == (3, 40, 60, 3) and batch.dtype == np.uint8
+        boxes = np.empty(3, dtype=object)
+        boxes[:] = [np.array([[1.0, 2.0, 11.0, 12.0], [20.0, 10.0, 40.0, 30.0]]), None,
+                    np.array([[3.0, 4.0, 13.0, 14.0]])]
+        probs = np.empty(3, dtype=object)
+        probs[:] = [np.array([0.71, 0.99]), [None], np.array([0.9])]
+        return boxes, probs
+
+
+def test_mtcnn_adapter_takes_each_frames_most_confident_face(monkeypatch):
+    from ostnet_fast.pipeline.crop import _load_mtcnn
+    _fake_facenet(monkeypatch, _BatchMTCNN)
+    detect, why = _load_mtcnn("cpu")
+    assert why == ""
+    frames = [np.zeros((40, 60, 3), np.uint8)] * 3
+    first, faceless, last = detect(frames)
+    np.testing.assert_array_equal(first, [20.0, 10.0, 40.0, 30.0])  # probability 0.99, listed second
+    assert faceless is None and first.dtype == np.float64
+    np.testing.assert_array_equal(last, [3.0, 4.0, 13.0, 14.0])
+    cropper = FaceCropper("mtcnn", margin=0.0, smoothing=0.0)
+    assert cropper.method == "mtcnn"
+    with pytest.warns(FaceCropWarning, match="no face found in frame 1"):
+        boxes = cropper.boxes(np.stack(frames))
+    # the 20 x 20 face (no margin), held over the faceless frame, then the 10 x 10 one
+    assert np.asarray(boxes).tolist() == [[20, 10, 40, 30], [20, 10, 40, 30], [3, 4, 13, 14]]
+
+
+def test_mtcnn_that_cannot_start_is_a_clear_error_or_the_centre_crop(monkeypatch):
+    class Broken:
+        def __init__(self, keep_all, device):
+            raise RuntimeError("operator torchvision::nms does not exist")
+
+    _fake_facenet(monkeypatch, Broken)
+    with pytest.raises(ImportError, match="torchvision::nms"):
+        FaceCropper("mtcnn")
+    with pytest.warns(FaceCropWarning, match="could not start"):
+        cropper = FaceCropper("auto")
+    assert cropper.method == "center"
