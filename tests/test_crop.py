@@ -2,7 +2,10 @@
 crop warns once; smoothing moves boxes gradually."""
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
+import sys
+import types
 import warnings
 
 import numpy as np
@@ -191,9 +194,6 @@ def test_bad_cropper_arguments():
 def _fake_facenet(monkeypatch, mtcnn_class):
     """Install a stand-in `facenet_pytorch` module (the real one needs a torchvision built for this torch):
     what is checked is our adapter around MTCNN.detect, not the detector."""
-    import importlib.machinery
-    import sys
-    import types
     module = types.ModuleType("facenet_pytorch")
     module.__spec__ = importlib.machinery.ModuleSpec("facenet_pytorch", None)
     module.MTCNN = mtcnn_class

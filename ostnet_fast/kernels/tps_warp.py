@@ -7,8 +7,9 @@ Triton path (what is fused, and the design limits):
 - forward, ONE kernel: a program owns BLOCK_P output pixels (one a thread) of two samples, evaluates
   both TPS maps in registers with one radial basis (`tu.tps_map`, one fast log a fiducial: `tu.FAST_LOG`;
   params = coef @ C precomputed in torch, tiny: a Triton kernel for it measured 2 us slower than torch's
-  cast + batched matmul on the H200), then samples each image bilinearly, looping over channels with the tap weights computed
-  once (the same device functions as grid_sample, `_triton_utils`). No grid tensor is written or read.
+  cast + batched matmul on the H200), then samples each image bilinearly, looping over channels with the
+  tap weights computed once (the same device functions as grid_sample, `_triton_utils`). No grid tensor
+  is written or read.
 - backward, ONE kernel, flags for the grads that are needed: the grid is recomputed in registers
   (`tu.tps_map` per sample; the (BLOCK_P, BLOCK_T) basis tile, shared by up to 4 samples, serves the
   params reduction); image grad is scattered with fp32 atomics into a zero-filled buffer as in
