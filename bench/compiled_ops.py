@@ -20,13 +20,12 @@ import sys
 from pathlib import Path
 
 import torch
-from torch._dynamo.backends.common import aot_autograd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import layout  # noqa: E402
 
 from ostnet_fast import OSTNet, load_config  # noqa: E402
-from ostnet_fast.kernels._dispatch import ops_in_graph  # noqa: E402
+from ostnet_fast.kernels._dispatch import ops_in_graph, recording_backend  # noqa: E402
 from ostnet_fast.train.losses import TrainingModel, load_vgg19  # noqa: E402
 from ostnet_fast.train.trainer import autocast_context, prepare_batch, resolve_amp  # noqa: E402
 
@@ -52,16 +51,8 @@ def main(argv=None) -> int:
     mode = "fused+cl" if args.channels_last else "fused"
     if args.channels_last:
         tm = tm.to(memory_format=torch.channels_last)
-    graphs: list[tuple[str, collections.Counter, int]] = []
-
-    def recorder(kind):
-        def compiler(gm, example_inputs):
-            graphs.append((kind, ops_in_graph(gm), len(gm.graph.nodes)))
-            return gm.forward
-        return compiler
-
-    compiled = torch.compile(tm, backend=aot_autograd(fw_compiler=recorder("forward"),
-                                                      bw_compiler=recorder("backward")))
+    graphs: list[tuple[str, torch.fx.GraphModule]] = []
+    compiled = torch.compile(tm, backend=recording_backend(graphs))
     g = torch.Generator().manual_seed(0)
     batch = {"source": torch.rand(args.batch_size, 3, size, size, generator=g),
              "driving": torch.rand(args.batch_size, 3, size, size, generator=g)}
@@ -71,12 +62,13 @@ def main(argv=None) -> int:
     total.backward()
     print(f"{'fused' if not args.reference else 'reference'} model, {device}, amp {amp}, "
           f"{'channels-last' if args.channels_last else 'NCHW'}: {len(graphs)} graphs "
-          f"({sum(k == 'forward' for k, _, _ in graphs)} forward)")
+          f"({sum(k == 'forward' for k, _ in graphs)} forward)")
     total_ops = collections.Counter()
-    for i, (kind, ops, nodes) in enumerate(graphs):
+    for i, (kind, gm) in enumerate(graphs):
+        ops = ops_in_graph(gm)
         total_ops += ops
         listed = ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())) or "none"
-        print(f"  graph {i} {kind:<8} {nodes:5d} nodes; ostnet ops: {listed}")
+        print(f"  graph {i} {kind:<8} {len(gm.graph.nodes):5d} nodes; ostnet ops: {listed}")
     print(f"ostnet ops in all graphs: {sum(total_ops.values())}")
     return 1 if not args.reference and not total_ops else 0
 

@@ -182,22 +182,12 @@ def test_the_compiled_fused_step_runs_our_kernels_and_equals_eager(monkeypatch):
     loss and gradients match an eager step that makes the same choices (the z-conv blocks on the reference:
     fused vs. reference z-conv alone moves these fp32 gradients by ~2e-3, see test_train.py's float64
     comparison). TF32 off: it would round the two sides' convolutions differently."""
-    from torch._dynamo.backends.common import aot_autograd
-
-    from ostnet_fast.kernels._dispatch import ops_in_graph
+    from ostnet_fast.kernels._dispatch import ops_in_graph, recording_backend
 
     cfg, model, tm, _, _, params = setup(True, False, "bf16")
-    seen = {"forward": set(), "backward": set()}
-
-    def recorder(kind):
-        def compiler(gm, example_inputs):
-            seen[kind] |= set(ops_in_graph(gm))
-            return gm.forward
-        return compiler
-
+    graphs = []
     torch._dynamo.reset()
-    compiled = torch.compile(tm, backend=aot_autograd(fw_compiler=recorder("forward"),
-                                                      bw_compiler=recorder("backward")))
+    compiled = torch.compile(tm, backend=recording_backend(graphs))
     inputs = next(batches(cfg, 1))
     grads, losses = [], []
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
@@ -212,6 +202,7 @@ def test_the_compiled_fused_step_runs_our_kernels_and_equals_eager(monkeypatch):
             loss.backward()
         losses.append(loss.detach())
         grads.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]))
+    seen = {kind: set().union(*(ops_in_graph(gm) for k, gm in graphs if k == kind)) for kind in ("forward", "backward")}
     assert {"tps_warp", "keypoint_head", "dense_motion_front", "dense_motion_combine"} <= seen["forward"], seen
     assert {"tps_warp_backward", "dense_motion_combine_backward"} <= seen["backward"], seen
     # The z-conv blocks are left to inductor under compile (it fuses BN + ReLU + pool around the conv).

@@ -46,6 +46,20 @@ def ops_in_graph(gm: torch.fx.GraphModule) -> collections.Counter:
     return collections.Counter(name.split(".")[1] for name in names if name.startswith("ostnet."))
 
 
+def recording_backend(graphs: list):
+    """A torch.compile backend that appends (kind, graph module), kind "forward" or "backward", for each graph
+    AOTAutograd hands it and runs the graph eagerly (no inductor): with ops_in_graph, what a compiled model
+    really runs of ours (bench/compiled_ops.py, the compiled-step tests)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def recorder(kind):
+        def compiler(gm, example_inputs):
+            graphs.append((kind, gm))
+            return gm.forward
+        return compiler
+    return aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward"))
+
+
 def reference_ops() -> set[str]:
     """The ops OSTNET_REFERENCE_OPS sends to the reference (comma list); an unknown name is an error."""
     names = {n.strip() for n in os.environ.get("OSTNET_REFERENCE_OPS", "").split(",") if n.strip()}

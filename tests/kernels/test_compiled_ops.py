@@ -266,22 +266,14 @@ def test_forced_means_asked_for_by_name(monkeypatch):
 
 def test_ops_in_graph_counts_our_ops_in_the_compiled_graphs():
     """What bench/compiled_ops.py and the GPU training test read: ostnet ops by name, forward and backward."""
-    from torch._dynamo.backends.common import aot_autograd
-
-    from ostnet_fast.kernels._dispatch import ops_in_graph
-    seen = {}
-
-    def recorder(kind):
-        def compiler(gm, example_inputs):
-            seen[kind] = ops_in_graph(gm)
-            return gm.forward
-        return compiler
-
+    from ostnet_fast.kernels._dispatch import ops_in_graph, recording_backend
+    graphs = []
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 7, 9, generator=g).to(**F64).requires_grad_()
     grid = (-1.2 + 2.4 * torch.rand(2, 5, 6, 2, generator=g)).to(**F64)
     fn = torch.compile(lambda x, grid: gs.grid_sample(x, grid, impl="triton") + gs.grid_sample(x, -grid, impl="triton"),
-                       backend=aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward")))
+                       backend=recording_backend(graphs))
     fn(x, grid).sum().backward()
+    seen = {kind: ops_in_graph(gm) for kind, gm in graphs}
     assert seen["forward"] == {"grid_sample": 2}
     assert seen["backward"] == {"grid_sample_backward": 2}
