@@ -1,7 +1,7 @@
 """Whole-model benchmark: one reenactment frame with the source cached (OSTNet.animate), batch 1 and 8,
-fp32 and fp16 (autocast): reference eager vs torch.compile of the reference (default and
-reduce-overhead = CUDA graphs) vs fused kernels vs fused + CUDA graphs (also inside torch.compile, the
-kernels as custom ops). ms/frame, FPS, peak memory,
+fp32 and fp16 (autocast; our fp16 variants keep fp16 conv weights, as the fused backend does): reference
+eager vs torch.compile of the reference (default and reduce-overhead = CUDA graphs) vs fused kernels vs
+fused + CUDA graphs (also inside torch.compile, the kernels as custom ops). ms/frame, FPS, peak memory,
 ratios to reference eager and to the best torch.compile, and fused-vs-reference output difference.
 
     python bench/bench_model.py [--out DIR] [--config ostnet-vox-256] [--quick] [--no-compile]
@@ -67,6 +67,12 @@ def main(argv=None) -> int:
     cl = lambda t: t.contiguous(memory_format=torch.channels_last)
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
+        # Our fp16 frame keeps its convolutions in fp16, as Reenactor's fused backend does
+        # (OSTNet.cast_conv_weights); the plain reference baselines keep fp32 weights under autocast.
+        for m in filter(None, (fused, fused_cl, ref_cl)):
+            m.cast_conv_weights(torch.float32).load_state_dict(ref.state_dict())
+            if dtype == torch.float16:
+                m.cast_conv_weights(torch.float16)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=dtype == torch.float16):
             ref_state = ref.encode_source(source)
             fused_state = fused.encode_source(source) if run_fused else None
@@ -87,7 +93,7 @@ def main(argv=None) -> int:
                 variants["fused channels-last"] = make_step(fused_cl, cl_state, dtype)
                 variants["fused channels-last + CUDA graphs"] = ("graph", fused_cl, cl_state)
                 variants["fused channels-last compile + CUDA graphs"] = ("graph", fused_cl, cl_state, "compile")
-                # The same without our kernels: inductor's code everywhere, in our CUDA graph.
+                # The same without our kernels: inductor's code everywhere, in our CUDA graph (fp16 weights too).
                 variants["reference channels-last compile + CUDA graphs"] = ("graph", ref_cl, ref_cl_state, "compile")
             variants = {k: v for k, v in variants.items() if not wanted or k in wanted or k == "reference eager"}
             base_ms = None

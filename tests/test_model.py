@@ -95,6 +95,21 @@ def test_cached_source_equals_full_forward_and_broadcasts():
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
 
 
+def test_conv_weights_cast_to_the_autocast_dtype_give_the_same_frame():
+    """cast_conv_weights(d) only removes autocast's per-call weight casts: under autocast(d) the frame is
+    the same, bit for bit (CPU autocast is bfloat16; the fused backend does this in fp16 on CUDA)."""
+    model = make_model().eval()
+    cast = make_model().eval().cast_conv_weights(torch.bfloat16)
+    convs = [m for m in cast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(p.dtype == torch.bfloat16 for m in convs for p in m.parameters())
+    assert cast.scale_transform.F_fc.weight.dtype == torch.float32  # linears and norms keep fp32
+    src, drv = images(2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model.animate(model.encode_source(src[:1]), drv)["prediction"]
+        got = cast.animate(cast.encode_source(src[:1]), drv)["prediction"]
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 def test_relative_kp_transform_is_applied():
     model = make_model().eval()
     src, drv = images(1)

@@ -569,6 +569,25 @@ def test_gpu_fused_matches_torch_fp32(batch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_gpu_fused_fp16_keeps_fp16_conv_weights(channels_last):
+    # The fused fp16 backend stores its convolutions in fp16 (no per-frame weight casts), on its own copy;
+    # its frames stay within the fp16 bound of the torch backend's (autocast, fp32 weights).
+    model = _gpu_pair()
+    fused = Reenactor(model=model, backend="fused", device="cuda", fp16=True, channels_last=channels_last)
+    ref = Reenactor(model=model, backend="torch", device="cuda", fp16=True)
+    conv_dtypes = lambda m: {p.dtype for c in m.modules() if isinstance(c, torch.nn.Conv2d) for p in c.parameters()}
+    assert conv_dtypes(fused.backend.model) == {torch.float16}
+    assert conv_dtypes(model) == conv_dtypes(ref.backend.model) == {torch.float32}
+    g = torch.Generator(device="cuda").manual_seed(3)
+    src = torch.rand(1, 3, 256, 256, device="cuda", generator=g)
+    fused.set_source(src)
+    ref.set_source(src)
+    x = torch.rand(2, 3, 256, 256, device="cuda", generator=g)
+    assert (fused(x).float() - ref(x).float()).abs().max().item() <= 2e-2
+
+
+@pytest.mark.gpu
 def test_gpu_pipeline_fp16_fused(tmp_path):
     from ostnet_fast.data.bundled import driving_video_path, source_image
     r = Reenactor(config=TINY, backend="fused", device="cuda", fp16=True)

@@ -209,6 +209,10 @@ class FusedBackend(TorchBackend):
             if self.model is model:  # not already a copy made by TorchBackend
                 self.model = _model_copy(model, fused=True)
             self.model = self.model.to(memory_format=torch.channels_last)
+        if fp16 and self.device.type == "cuda":  # no weight casts in every frame (OSTNet.cast_conv_weights)
+            if self.model is model:
+                self.model = _model_copy(model, fused=True)
+            self.model.cast_conv_weights(torch.float16)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graph = None
         self._pool = None
