@@ -1,10 +1,11 @@
-"""Model blocks whose fused path differs from FOMM's formulation: the strided anti-alias blur and the
-residual block's fused route (z-conv epilogue for conv1 -> norm2 -> ReLU, native BN at inference)."""
+"""Model blocks whose fused path differs from FOMM's formulation: the strided anti-alias blur, the stacked
+convolution heads, and the residual block's fused route (z-conv epilogue for conv1 -> norm2 -> ReLU,
+native BN at inference)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ostnet_fast.model.blocks import AntiAliasInterpolation2d, ResBlock2d
+from ostnet_fast.model.blocks import AntiAliasInterpolation2d, ResBlock2d, conv_heads
 from tests.conftest import requires_triton_run
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -25,6 +26,32 @@ def test_antialias_strided_equals_full_blur_then_subsample(scale, size):
     out = down(x)
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("padding", [0, 3])
+def test_conv_heads_stacked_equal_separate_with_gradients(channels_last, padding):
+    """The keypoint detector's / dense motion's 7x7 heads as one stacked convolution: the same outputs
+    and the same gradients (input, each head's weight and bias) as the convolutions one by one."""
+    torch.manual_seed(0)
+    heads = tuple(torch.nn.Conv2d(5, c, 7, padding=padding).double() for c in (3, 8))
+    x = torch.randn(2, 5, 13, 11, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    params = [x] + [p for h in heads for p in h.parameters()]
+    outs = {}
+    for merge in (False, True):
+        out = conv_heads(x, heads, merge=merge)
+        assert [o.shape[1] for o in out] == [3, 8]
+        up = [torch.randn(o.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+              for i, o in enumerate(out)]
+        grads = torch.autograd.grad(out, params, up)
+        outs[merge] = (out, grads)
+    for a, b in zip(outs[True][0] + list(outs[True][1]), outs[False][0] + list(outs[False][1])):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="share their geometry"):
+        conv_heads(x, (heads[0], torch.nn.Conv2d(5, 2, 5, padding=padding).double()))
 
 
 def _res_block(c, seed=0):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..kernels import dense_motion_front, inverse_2x2
-from .blocks import AntiAliasInterpolation2d, Hourglass
+from .blocks import AntiAliasInterpolation2d, Hourglass, conv_heads, merge_heads
 
 
 class DenseMotionNetwork(nn.Module):
@@ -48,7 +48,9 @@ class DenseMotionNetwork(nn.Module):
         hourglass_in, motions = dense_motion_front(source_small, kp_s, kp_d, jacobian, self.kp_variance,
                                                    impl=impl)  # (B, (K+1)(C+1), h, w), (B, K+1, h, w, 2)
         prediction = self.hourglass(hourglass_in, impl=impl)
-        out = {"mask_logits": self.mask(prediction), "sparse_motion": motions}  # (B, K+1, h, w)
-        if self.occlusion is not None:
-            out["occlusion_map"] = torch.sigmoid(self.occlusion(prediction))  # (B, 1, h, w)
-        return out
+        if self.occlusion is None:
+            return {"mask_logits": self.mask(prediction), "sparse_motion": motions}  # (B, K+1, h, w)
+        # Both 7x7 heads as one convolution on the fused path.
+        mask_logits, occlusion = conv_heads(prediction, (self.mask, self.occlusion), merge_heads(impl, prediction))
+        return {"mask_logits": mask_logits, "sparse_motion": motions,
+                "occlusion_map": torch.sigmoid(occlusion)}  # (B, 1, h, w)

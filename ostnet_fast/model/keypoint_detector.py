@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..kernels import keypoint_head
-from .blocks import AntiAliasInterpolation2d, Hourglass
+from .blocks import AntiAliasInterpolation2d, Hourglass, conv_heads, merge_heads
 
 
 class KPDetector(nn.Module):
@@ -35,11 +35,14 @@ class KPDetector(nn.Module):
         if self.scale_factor != 1:
             x = self.down(x)
         feature_map = self.predictor(x, impl=impl)  # (B, F, h, w)
-        prediction = self.kp(feature_map)  # (B, K, h', w')
-        b, k, h, w = prediction.shape
         jmap = None
-        if self.jacobian is not None:
-            jmap = self.jacobian(feature_map).view(b, self.num_jacobian_maps, 4, h, w)
+        if self.jacobian is not None:  # both 7x7 heads as one convolution on the fused path
+            prediction, jmap = conv_heads(feature_map, (self.kp, self.jacobian), merge_heads(impl, feature_map))
+        else:
+            prediction = self.kp(feature_map)  # (B, K, h', w')
+        b, k, h, w = prediction.shape
+        if jmap is not None:
+            jmap = jmap.view(b, self.num_jacobian_maps, 4, h, w)
         # Softmax heatmaps (>= fp32), expected coordinates and heatmap-weighted Jacobians.
         value, jacobian = keypoint_head(prediction, jmap, self.temperature, impl=impl)
         out = {"value": value}  # (B, K, 2)
