@@ -272,19 +272,16 @@ if HAS_TRITON:
         return offs_p, mask_p, px, py, u
 
     @triton.jit
-    def sample_pair(B, PAIR: tl.constexpr):
-        """This program's samples (b0, b1, has_b1) on grid axis 1: 2 per program when PAIR (the last
-        program of an odd batch repeats b0 as b1, has_b1 False: compute it, store nothing), else 1."""
-        pid = tl.program_id(1).to(tl.int64)
-        if PAIR:
-            b0 = 2 * pid
-            has_b1 = b0 + 1 < B
-            b1 = tl.where(has_b1, b0 + 1, b0)
-        else:
-            b0 = pid
-            has_b1 = pid < 0
-            b1 = pid
-        return b0, b1, has_b1
+    def sample_group(B, SAMPLES: tl.constexpr):
+        """This program's samples on grid axis 1, SAMPLES (1, 2 or 4) a program: (b0, b1, b2, b3, has_b1,
+        has_b2, has_b3). A sample past the batch repeats the last one, has_b* False: compute it, store
+        nothing. Unused slots (past SAMPLES) are b0."""
+        b0 = tl.program_id(1).to(tl.int64) * SAMPLES
+        has_b1 = (SAMPLES > 1) & (b0 + 1 < B)
+        has_b2 = (SAMPLES > 2) & (b0 + 2 < B)
+        has_b3 = (SAMPLES > 3) & (b0 + 3 < B)
+        return (b0, tl.where(has_b1, b0 + 1, b0), tl.where(has_b2, b0 + 2, b0), tl.where(has_b3, b0 + 3, b0),
+                has_b1, has_b2, has_b3)
 
     @triton.jit
     def tps_affine(px, py, aff_ptr, ACC: tl.constexpr):
@@ -294,28 +291,42 @@ if HAS_TRITON:
         return gx, gy
 
     @triton.jit
-    def tps_map(px, py, tgt_ptr, par0_ptr, par1_ptr, T, ACC: tl.constexpr, PAIR: tl.constexpr):
-        """f(p) = a_0 + a_x x + a_y y + sum_i w_i U(|p - t_i|) for 1-D pixel vectors, for the sample whose
-        (T+3, 2) params are at par0_ptr and, PAIR, also the one at par1_ptr: the radial basis (the costly
-        part, a log per fiducial) is shared. -> (gx0, gy0, gx1, gy1); without PAIR, sample 1 = sample 0.
-        A loop over the fiducials keeps every sum in its lane's registers. (Summing the (BLOCK_P, BLOCK_T)
-        tile of tps_basis over T instead, as the kernels did, spreads T over a warp's 32 lanes: 160 shuffles
-        per thread and sample on sm_90, and the SASS of the forward kernels was mostly those.)"""
-        gx0, gy0 = tps_affine(px, py, par0_ptr + 2 * T, ACC)
-        gx1, gy1 = gx0, gy0
-        if PAIR:
-            gx1, gy1 = tps_affine(px, py, par1_ptr + 2 * T, ACC)
+    def tps_map(px, py, tgt_ptr, par_ptr, b0, b1, b2, b3, T, ACC: tl.constexpr, SAMPLES: tl.constexpr):
+        """f(p) = a_0 + a_x x + a_y y + sum_i w_i U(|p - t_i|) for 1-D pixel vectors, for SAMPLES (1, 2 or 4)
+        samples b0.. whose (T+3, 2) params are rows of par_ptr (B, T+3, 2): the radial basis (the costly
+        part, a log per fiducial) is evaluated once for all of them. -> (gx0, gy0, .., gx3, gy3); slots past
+        SAMPLES repeat sample 0. A loop over the fiducials keeps every sum in its lane's registers. (Summing
+        the (BLOCK_P, BLOCK_T) tile of tps_basis over T instead, as the kernels did, spreads T over a warp's
+        32 lanes: 160 shuffles per thread and sample on sm_90, and the SASS of the forward kernels was mostly
+        those.) Four samples: 15.5 us against 18.8 with pairs for the warp forward, batch 8 3x256x256 fp32
+        (H200, bench/results/h200-2026-12-01-s10)."""
+        p0 = par_ptr + b0 * (T + 3) * 2
+        p1 = par_ptr + b1 * (T + 3) * 2
+        p2 = par_ptr + b2 * (T + 3) * 2
+        p3 = par_ptr + b3 * (T + 3) * 2
+        gx0, gy0 = tps_affine(px, py, p0 + 2 * T, ACC)
+        gx1, gy1, gx2, gy2, gx3, gy3 = gx0, gy0, gx0, gy0, gx0, gy0
+        if SAMPLES > 1:
+            gx1, gy1 = tps_affine(px, py, p1 + 2 * T, ACC)
+        if SAMPLES > 2:
+            gx2, gy2 = tps_affine(px, py, p2 + 2 * T, ACC)
+            gx3, gy3 = tps_affine(px, py, p3 + 2 * T, ACC)
         for i in range(T):
             dx = px - tl.load(tgt_ptr + 2 * i).to(ACC)
             dy = py - tl.load(tgt_ptr + 2 * i + 1).to(ACC)
             d2 = dx * dx + dy * dy
             u = d2 * radial_log(d2, ACC)
-            gx0 += tl.load(par0_ptr + 2 * i).to(ACC) * u
-            gy0 += tl.load(par0_ptr + 2 * i + 1).to(ACC) * u
-            if PAIR:
-                gx1 += tl.load(par1_ptr + 2 * i).to(ACC) * u
-                gy1 += tl.load(par1_ptr + 2 * i + 1).to(ACC) * u
-        return gx0, gy0, gx1, gy1
+            gx0 += tl.load(p0 + 2 * i).to(ACC) * u
+            gy0 += tl.load(p0 + 2 * i + 1).to(ACC) * u
+            if SAMPLES > 1:
+                gx1 += tl.load(p1 + 2 * i).to(ACC) * u
+                gy1 += tl.load(p1 + 2 * i + 1).to(ACC) * u
+            if SAMPLES > 2:
+                gx2 += tl.load(p2 + 2 * i).to(ACC) * u
+                gy2 += tl.load(p2 + 2 * i + 1).to(ACC) * u
+                gx3 += tl.load(p3 + 2 * i).to(ACC) * u
+                gy3 += tl.load(p3 + 2 * i + 1).to(ACC) * u
+        return gx0, gy0, gx1, gy1, gx2, gy2, gx3, gy3
 
     @triton.jit
     def tps_params_grad(px, py, u, ggx, ggy, part_ptr, T, BLOCK_T: tl.constexpr):

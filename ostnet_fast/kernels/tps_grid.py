@@ -9,7 +9,7 @@ forward pass has no inverse or solve (ONNX/TensorRT friendly).
 
 Triton path (what is fused, and the design limits):
 - forward: params = coef @ C, (B, T+3, 2), is tiny and done in torch (fp32, fp64 for fp64 control
-  points). One program then owns BLOCK_P pixels (one a thread) of two samples (`tu.tps_map`): a loop over
+  points). One program then owns BLOCK_P pixels (one a thread) of up to four samples (`tu.tps_map`): a loop over
   the fiducials evaluates U(|p - t_i|) once for both samples (it does not depend on the sample) and
   accumulates both maps in registers. No (H*W, T) matrix is ever materialised, and no sum crosses lanes.
 - backward (to the control points only; target points and coef are constants, they get no grad):
@@ -97,17 +97,20 @@ if tu.HAS_TRITON:
         tgt_ptr,  # (T, 2) contiguous target fiducials, ACC dtype
         grid_ptr,  # (B, H, W, 2) output grid, the control points' dtype
         B, T, HW, W, H1, W1,  # H1 = max(H - 1, 1), W1 = max(W - 1, 1)
-        ACC: tl.constexpr, BLOCK_P: tl.constexpr, PAIR: tl.constexpr,
+        ACC: tl.constexpr, BLOCK_P: tl.constexpr, SAMPLES: tl.constexpr,
     ):
-        b0, b1, has_b1 = tu.sample_pair(B, PAIR)
+        b0, b1, b2, b3, has_b1, has_b2, has_b3 = tu.sample_group(B, SAMPLES)
         offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         mask_p = offs_p < HW
         px, py = tu.pixel_xy(offs_p, W, H1, W1, ACC)
-        gx0, gy0, gx1, gy1 = tu.tps_map(px, py, tgt_ptr, par_ptr + b0 * (T + 3) * 2, par_ptr + b1 * (T + 3) * 2,
-                                        T, ACC, PAIR)
+        gx0, gy0, gx1, gy1, gx2, gy2, gx3, gy3 = tu.tps_map(px, py, tgt_ptr, par_ptr, b0, b1, b2, b3, T, ACC,
+                                                            SAMPLES)
         tu.store_grid(grid_ptr + b0 * HW * 2, offs_p, mask_p, gx0, gy0)
-        if PAIR:
+        if SAMPLES > 1:
             tu.store_grid(grid_ptr + b1 * HW * 2, offs_p, mask_p & has_b1, gx1, gy1)
+        if SAMPLES > 2:
+            tu.store_grid(grid_ptr + b2 * HW * 2, offs_p, mask_p & has_b2, gx2, gy2)
+            tu.store_grid(grid_ptr + b3 * HW * 2, offs_p, mask_p & has_b3, gx3, gy3)
 
     # Backward maths: f(p) = sum_i w_i U_i(p) + a_0 + a_x x + a_y y is linear in the params, so with
     # g(p) = dL/dgrid(p): dL/dw_i = sum_p U_i(p) g(p), dL/da_0 = sum_p g(p), dL/da_x = sum_p x g(p),
@@ -130,16 +133,18 @@ if tu.HAS_TRITON:
                                    T, BLOCK_T)
 
 
-# Forward kernels (tu.tps_map): one pixel per thread, 4 warps, two samples per program when B > 1.
+# Forward kernels (tu.tps_map): one pixel per thread, 4 warps, up to four samples per program.
 MAP_BLOCK_P, MAP_WARPS = 128, 4
 
 
-def map_launch(hw: int, batch: int, t: int) -> tuple[tuple[int, int], bool]:
-    """(grid, PAIR) of a forward kernel: pixel blocks x sample pairs (tu.sample_pair) when batch > 1.
-    Refuses a T over the backward's limit now rather than at the backward (the forward has none)."""
+def map_launch(hw: int, batch: int, t: int) -> tuple[tuple[int, int], int]:
+    """(grid, SAMPLES) of a forward kernel: pixel blocks x groups of SAMPLES samples (tu.sample_group), 4
+    when the batch divides by 4, else pairs when batch > 1 (a partial group computes samples it does not
+    store: never more than one). Refuses a T over the backward's limit now rather than at the backward
+    (the forward has none)."""
     check_fiducial_count(t)
-    pair = batch > 1
-    return (triton.cdiv(hw, MAP_BLOCK_P), triton.cdiv(batch, 2) if pair else 1), pair
+    samples = 4 if batch % 4 == 0 else (2 if batch > 1 else 1)
+    return (triton.cdiv(hw, MAP_BLOCK_P), triton.cdiv(batch, samples)), samples
 
 
 def check_fiducial_count(t: int) -> None:
@@ -190,10 +195,10 @@ def _tps_grid_fwd(params: torch.Tensor, target: torch.Tensor, size: tuple[int, i
     if grid.numel() == 0:
         return grid
     tu.check_launch("tps_grid", b, h * w * 2)
-    launch, pair = map_launch(h * w, b, t)
+    launch, samples = map_launch(h * w, b, t)
     _tps_grid_fwd_kernel[launch](
         par_ptr=params, tgt_ptr=target, grid_ptr=grid, B=b, T=t, HW=h * w, W=w, H1=max(h - 1, 1),
-        W1=max(w - 1, 1), ACC=tu.acc_dtype(params), BLOCK_P=MAP_BLOCK_P, PAIR=pair, num_warps=MAP_WARPS)
+        W1=max(w - 1, 1), ACC=tu.acc_dtype(params), BLOCK_P=MAP_BLOCK_P, SAMPLES=samples, num_warps=MAP_WARPS)
     return grid
 
 

@@ -4,10 +4,11 @@ Convention: see tps_grid.py (TPS map, control vs target points) and grid_sample.
 padding, align_corners=True).
 
 Triton path (what is fused, and the design limits):
-- forward, ONE kernel: a program owns BLOCK_P output pixels (one a thread) of two samples, evaluates
-  both TPS maps in registers with one radial basis (`tu.tps_map`, one fast log a fiducial: `tu.FAST_LOG`;
-  params = coef @ C precomputed in torch, tiny: a Triton kernel for it measured 2 us slower than torch's
-  cast + batched matmul on the H200), then samples each image bilinearly, looping over channels with the
+- forward, ONE kernel: a program owns BLOCK_P output pixels (one a thread) of up to four samples,
+  evaluates their TPS maps in registers with one radial basis (`tu.tps_map`, one fast log a fiducial:
+  `tu.FAST_LOG`; params = coef @ C precomputed in torch, tiny: a Triton kernel for it measured 2 us slower
+  than torch's cast + batched matmul on the H200, and computing them in the warp kernel's programs doubled
+  its time), then samples each image bilinearly, looping over channels with the
   tap weights computed once (the same device functions as grid_sample, `_triton_utils`). No grid tensor
   is written or read.
 - backward, ONE kernel, flags for the grads that are needed: the grid is recomputed in registers
@@ -68,7 +69,7 @@ if tu.HAS_TRITON:
         s_b, s_c, s_h, s_w,  # image strides
         o_b, o_c, o_p,  # output strides of a sample, a channel, a flat pixel h * W + w
         CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-        PAIR: tl.constexpr,
+        SAMPLES: tl.constexpr,
     ):
         if CHANNELS_LAST:
             s_c = 1
@@ -76,17 +77,22 @@ if tu.HAS_TRITON:
         else:
             s_w = 1
             o_p = 1
-        b0, b1, has_b1 = tu.sample_pair(B, PAIR)
+        b0, b1, b2, b3, has_b1, has_b2, has_b3 = tu.sample_group(B, SAMPLES)
         offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         mask_p = offs_p < HW
         px, py = tu.pixel_xy(offs_p, W, H1, W1, ACC)
-        gx0, gy0, gx1, gy1 = tu.tps_map(px, py, tgt_ptr, par_ptr + b0 * (T + 3) * 2, par_ptr + b1 * (T + 3) * 2,
-                                        T, ACC, PAIR)
+        gx0, gy0, gx1, gy1, gx2, gy2, gx3, gy3 = tu.tps_map(px, py, tgt_ptr, par_ptr, b0, b1, b2, b3, T, ACC,
+                                                            SAMPLES)
         _sample(img_ptr + b0 * s_b, out_ptr + b0 * o_b, gx0, gy0, C, H_in, W_in, s_c, s_h, s_w, o_c, o_p,
                 offs_p, mask_p, ACC, BLOCK_C)
-        if PAIR:
+        if SAMPLES > 1:
             _sample(img_ptr + b1 * s_b, out_ptr + b1 * o_b, gx1, gy1, C, H_in, W_in, s_c, s_h, s_w, o_c, o_p,
                     offs_p, mask_p & has_b1, ACC, BLOCK_C)
+        if SAMPLES > 2:
+            _sample(img_ptr + b2 * s_b, out_ptr + b2 * o_b, gx2, gy2, C, H_in, W_in, s_c, s_h, s_w, o_c, o_p,
+                    offs_p, mask_p & has_b2, ACC, BLOCK_C)
+            _sample(img_ptr + b3 * s_b, out_ptr + b3 * o_b, gx3, gy3, C, H_in, W_in, s_c, s_h, s_w, o_c, o_p,
+                    offs_p, mask_p & has_b3, ACC, BLOCK_C)
 
     # Backward maths: out(p) = bilinear(image, f(p)), f = TPS map linear in params.
     #   dL/dgrid(p) = (dL/dix * (W_in - 1) / 2, dL/diy * (H_in - 1) / 2)   (tu.sample_bwd_channels)
@@ -118,7 +124,7 @@ if tu.HAS_TRITON:
         for s in tl.static_range(SAMPLES):
             b = tl.program_id(1).to(tl.int64) * SAMPLES + s
             if b < B:
-                gx, gy, _, _ = tu.tps_map(px, py, tgt_ptr, par_ptr + b * (T + 3) * 2, par_ptr, T, ACC, False)
+                gx, gy, _, _, _, _, _, _ = tu.tps_map(px, py, tgt_ptr, par_ptr, b, b, b, b, T, ACC, 1)
                 off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1 = tu.bilinear_taps(
                     gx, gy, H_in, W_in, mask_p, s_h, s_w)
                 dix, diy = tu.sample_bwd_channels(
@@ -160,9 +166,9 @@ def _launch_args(image: torch.Tensor, t: int, size: tuple[int, int], backward: b
     common = dict(B=b, C=c, H_in=h_in, W_in=w_in, T=t, HW=h * w, W=w, H1=max(h - 1, 1), W1=max(w - 1, 1),
                   s_b=image.stride(0), s_c=image.stride(1), s_h=image.stride(2), s_w=image.stride(3),
                   CHANNELS_LAST=cl, BLOCK_C=block_c)
-    if not backward:  # tu.tps_map: one pixel per thread, sample pairs
-        launch, pair = map_launch(h * w, b, t)
-        common.update(BLOCK_P=MAP_BLOCK_P, PAIR=pair, num_warps=MAP_WARPS)
+    if not backward:  # tu.tps_map: one pixel per thread, groups of up to four samples
+        launch, samples = map_launch(h * w, b, t)
+        common.update(BLOCK_P=MAP_BLOCK_P, SAMPLES=samples, num_warps=MAP_WARPS)
         return cl, launch, common
     block_p, block_t, _ = tps_blocks(t)
     launch, samples = tps_launch(h * w, b, block_p)
