@@ -112,6 +112,8 @@ def _make_cropper(args):
 
 def _make_reenactor(args):
     from .pipeline.reenactor import Reenactor
+    if args.device == "cuda":  # one frame shape: cuDNN times its algorithms once, as the benchmarks do
+        torch.backends.cudnn.benchmark = True
     try:
         return Reenactor(checkpoint=args.checkpoint, config=args.config, backend=args.backend, device=args.device,
                          fp16=args.fp16, relative=args.relative, adapt_movement_scale=not args.no_adapt_scale,

@@ -162,7 +162,8 @@ def test_a_capture_that_failed_on_another_rank_makes_this_one_eager_too():
     assert step.eager_steps == 3 and torch.isfinite(total) and "another rank" in warned[0]
 
 
-def test_trainer_replays_the_graph_and_writes_checkpoints(tmp_path, capsys):
+def test_trainer_replays_the_graph_and_writes_checkpoints(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     data = tiny_dataset(tmp_path / "data")
     trainer = run_training(options(config=tiny_config(num_repeats=8, num_epochs=2), data=str(data),
                                    out=str(tmp_path / "run"), device="cuda", max_steps=10))
@@ -170,6 +171,7 @@ def test_trainer_replays_the_graph_and_writes_checkpoints(tmp_path, capsys):
     assert trainer.cuda_graphs and trainer._graphed.replays > 0 and trainer._graphed.failed is None, out
     assert "captured in a CUDA graph" in out
     assert trainer.step == 10 and trainer.channels_last
+    assert torch.backends.cudnn.benchmark  # fixed shapes: the trainer lets cuDNN time its algorithms
     # A replay moves the weights (an empty capture would replay nothing and log the same loss forever).
     before, replays = flat(trainer.model), trainer._graphed.replays
     trainer.step_fn(tuple(t.clone() for t in trainer._graphed._inputs))

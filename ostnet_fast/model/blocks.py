@@ -31,8 +31,9 @@ def conv_heads(x: torch.Tensor, convs: tuple[nn.Conv2d, ...], merge: bool = True
     """conv(x) for each of `convs` (same kernel size, stride, padding, dilation; groups 1; all with bias
     or none), as ONE convolution with their weights stacked per call, split back by channel (views).
     Small-N convolutions leave cuDNN's tensor-core tiles mostly empty: the keypoint detector's two 7x7
-    heads (15 and 60 channels from 35 at 64x64) took 60 us apart and 38 us stacked, the dense motion's
-    mask and occlusion (16 and 1 from 128) 48 and 33 us (H200, batch 1 fp16 channels-last, CUDA graphs).
+    heads (15 and 60 channels from 35 at 64x64) take 58 us apart and 35 us stacked, the dense motion's
+    mask and occlusion (16 and 1 from 128) 48 and 35 us (H200, batch 1 fp16 channels-last, CUDA graphs;
+    bench/bench_conv_forms.py, bench/results/h200-2026-12-01-s10/conv_forms.json).
     merge=False runs them one by one (the reference path)."""
     if not merge:
         return [c(x) for c in convs]
@@ -177,5 +178,5 @@ class AntiAliasInterpolation2d(nn.Module):
             return x
         # Strided: the same values as FOMM's full-resolution blur followed by out[:, :, ::step, ::step],
         # step**2 times less work. The kernel is odd (ka == kb): the conv's own zero padding, no padded
-        # copy as FOMM's F.pad (H200, batch 8 fp16 channels-last: 21 us against 32 us).
+        # copy as FOMM's F.pad (H200, fp16 channels-last, batch 1 / 8: 18.7 / 19.2 us against 23.5 / 26.8).
         return F.conv2d(x, self.weight.to(x.dtype), groups=self.groups, stride=self.step, padding=self.ka)

@@ -561,6 +561,8 @@ class Trainer:
         if self.device.type == "cuda" and self.device.index is not None:
             # Streams, graph capture and synchronize act on the current device: make it ours (--device cuda:1).
             torch.cuda.set_device(self.device)
+        if self.device.type == "cuda":  # fixed shapes: cuDNN times its algorithms once, as bench_train.py does
+            torch.backends.cudnn.benchmark = True
         if env.enabled and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
         # Data first: a broken dataset fails before the model is built.
