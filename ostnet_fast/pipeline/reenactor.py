@@ -17,7 +17,8 @@ buffer, valid until the next call). Backends:
                compiling at the first frame of each batch shape (bench/results/h200-2026-11-30-s6).
   onnxruntime  ostnet_fast.runtime.ORTReenactor   (exported ONNX graphs; written by the export issue)
   tensorrt     ostnet_fast.runtime.TRTReenactor   (TensorRT engines)
-fp16 runs the torch/fused backends under torch.autocast(float16) (CUDA only).
+fp16 runs the torch/fused backends under torch.autocast(float16) (CUDA only); the fused backend's own copy
+of the model keeps its convolutions' weights in fp16 (OSTNet.cast_conv_weights: no casts in every frame).
 
 Relative motion (FOMM's `normalize_kp`, `relative=True`): the keypoints OSTNet feeds the dense motion
 network (those of the scale-rectified driving frame) become
