@@ -111,6 +111,8 @@ def _make_cropper(args):
 
 
 def _make_reenactor(args):
+    import torch
+
     from .pipeline.reenactor import Reenactor
     if args.device == "cuda":  # one frame shape: cuDNN times its algorithms once, as the benchmarks do
         torch.backends.cudnn.benchmark = True

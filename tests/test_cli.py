@@ -179,6 +179,22 @@ def test_sigterm_mid_write_leaves_no_partial_file(tmp_path, capsys, monkeypatch)
     assert signal.getsignal(signal.SIGTERM) is not None  # restored after main returns
 
 
+def test_cuda_runs_turn_on_cudnn_benchmark(monkeypatch):
+    # --device cuda: cuDNN's benchmark mode, as every benchmark in bench/ runs (a branch no CPU run takes
+    # end to end: the Reenactor is stood in for).
+    import ostnet_fast.pipeline.reenactor as reenactor
+    from ostnet_fast.cli import _make_reenactor
+    made = []
+    monkeypatch.setattr(reenactor, "Reenactor", lambda **kw: made.append(kw) or "reenactor")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    args = build_parser().parse_args(["reenact", "--device", "cuda", "--backend", "fused", "--fp16"])
+    assert _make_reenactor(args) == "reenactor" and made[0]["device"] == "cuda" and made[0]["fp16"]
+    assert torch.backends.cudnn.benchmark
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    _make_reenactor(build_parser().parse_args(["reenact"]))  # cpu: left alone
+    assert not torch.backends.cudnn.benchmark
+
+
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit) as e:
         main(["reenact", "--help"])

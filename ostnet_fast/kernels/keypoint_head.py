@@ -213,7 +213,7 @@ def _kp_head_bwd(g_value, g_jac, logits, jmap, value, jac, stat, inv_t: float, n
     """-> (dL/dlogits, dL/djmap or None); g_value / g_jac may be None (zeros)."""
     g_value = torch.zeros_like(value) if g_value is None else g_value.to(value.dtype).contiguous()
     g_jac = torch.zeros_like(jac) if g_jac is None else g_jac.to(jac.dtype).contiguous()
-    g_logits = torch.empty_like(logits)  # dense inputs: the same strides
+    g_logits = torch.empty_like(logits)  # its own strides go to the kernel (inputs may be channel slices)
     g_jm = torch.empty_like(jmap) if need_jm else None
     common, jm = _launch_common(logits, jmap)
     gj = g_jm if g_jm is not None else jm

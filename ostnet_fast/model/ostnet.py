@@ -73,7 +73,9 @@ class OSTNet(nn.Module):
         torch.autocast(dtype). Autocast casts fp32 weights again at every call (always so inside CUDA graphs
         and torch.compile): ~28 cast kernels and 0.17 ms of a 1.39 ms frame at batch 1 fp16 (H200,
         bench/results/h200-2026-12-01-s10). Weights already in autocast's dtype are used as they are, so
-        the convolutions compute the same values. Linear layers, norms and buffers stay fp32 (the scale
+        every convolution autocast runs computes the same values. The fused z-conv blocks also read their
+        conv's bias (epilogue) and weight (border term) outside autocast: those now see the fp16-rounded
+        values, a change at fp16 rounding level. Linear layers, norms and buffers stay fp32 (the scale
         transform follows its F_fc's dtype). Not for training: the optimizer would step fp16 weights."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

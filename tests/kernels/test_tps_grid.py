@@ -48,7 +48,7 @@ CASES = [  # (B, rows x cols fiducials, output (H, W))
     (2, (4, 5), (37, 53)),  # the model's T = 20, odd H/W, several programs
     (3, (2, 2), (5, 1)),  # single column, T = 4
     (2, (3, 7), (6, 9)),  # T = 21 (not a power of two)
-    (6, (2, 3), (5, 7)),  # two sample groups of a program (4 samples each), the second partial
+    (6, (2, 3), (5, 7)),  # backward: two groups of 4 samples, the second partial; forward: three pairs
     (8, (4, 5), (6, 7)),  # B % 4 == 0: the forward maps four samples a program
 ]
 

@@ -56,7 +56,7 @@ CASES = [  # (image (B, C, H_in, W_in), fiducials rows x cols, output size or No
     ((2, 3, 7, 9), (4, 5), (5, 6)),  # odd sizes, the model's T = 20, output smaller than input
     ((2, 4, 37, 53), (4, 5), None),  # odd H/W, several programs per sample
     ((3, 11, 6, 5), (2, 2), (9, 4)),  # C not a multiple of the channel chunk, upsampling, T = 4
-    ((6, 2, 5, 7), (2, 3), None),  # two sample groups of a program (4 samples each), the second partial
+    ((6, 2, 5, 7), (2, 3), None),  # backward: two groups of 4 samples, the second partial; forward: three pairs
     ((8, 3, 6, 9), (4, 5), (5, 7)),  # B % 4 == 0: the forward maps four samples a program
 ]
 
