@@ -491,6 +491,15 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+def _flat_plane(t: torch.Tensor) -> torch.Tensor:
+    """t if its (h, w) plane is flat (one pixel stride), whatever its batch and channel strides, else an
+    NCHW copy: the mask logits may be a channel slice of the stacked 7x7 heads (model.blocks.conv_heads),
+    which the kernels read through their own strides (l_sn, l_sk, l_sp) without a copy."""
+    if t.shape[2] == 1 or t.shape[3] == 1 or t.stride(2) == t.shape[3] * t.stride(3):
+        return t
+    return t.contiguous()
+
+
 def _pixel_stride(t: torch.Tensor) -> int:
     return t.stride(3) if t.shape[3] > 1 else t.stride(2)
 
@@ -958,7 +967,7 @@ def dense_motion_combine(mask_logits, motions, feature, occlusion, impl: str = "
     _check_combine(mask_logits, motions, feature, occlusion)
     if use_triton("dense_motion_combine", impl, mask_logits, motions, feature, occlusion):
         compiling = torch.compiler.is_compiling()
-        mask_logits = _dense(mask_logits)
+        mask_logits = _flat_plane(mask_logits)
         motions = motions.contiguous()
         feature = _dense(feature)
         size = tuple(feature.shape[-2:])

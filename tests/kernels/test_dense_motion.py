@@ -188,6 +188,30 @@ def test_combine_matches_reference_float64(shape, with_occ, channels_last, poiso
 
 
 @triton_run
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("resize", [False, True])
+def test_combine_reads_logits_sliced_from_stacked_heads(channels_last, resize):
+    """The mask logits as the model's stacked heads give them: channels 0..K of a (B, K+2, h, w) conv output
+    (NCHW or channels-last), read in place through their strides, forward and gradients."""
+    inputs = _combine_inputs(2, 4, 5, 7, 3, *((4, 6) if resize else (5, 7)), torch.float64, True, seed=3)
+    heads = torch.cat([inputs[0].detach(), torch.randn(2, 1, 5, 7, dtype=torch.float64)], dim=1)
+    if channels_last:
+        heads = heads.contiguous(memory_format=torch.channels_last)
+    heads.requires_grad_(True)
+    logits = heads[:, :4]
+    assert dm._flat_plane(logits) is logits  # no copy
+    outs = dm.dense_motion_combine(logits, *inputs[1:], impl="triton")
+    refs = dm.dense_motion_combine_reference(logits, *inputs[1:])
+    for o, r, name in zip(outs, refs, ("deformation", "warped")):
+        _assert_close(o, r, 1e-10, name)
+    up = [torch.randn(r.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) for r in refs]
+    got = _grads(outs, [heads, *inputs[1:]], up)
+    want = _grads(refs, [heads, *inputs[1:]], up)
+    for name, g, r in zip(["heads", "motions", "feature", "occlusion"], got, want):
+        _assert_close(g, r, 1e-10, f"grad {name}")
+
+
+@triton_run
 @pytest.mark.parametrize("shape", COMBINE_SHAPES[:2])
 @pytest.mark.parametrize("which", ["deformation", "warped"])
 def test_combine_one_output_used(shape, which):
