@@ -33,7 +33,8 @@ for stage in "${stages[@]}"; do
     tests)    $T python3 -m pytest -q -rfE -m gpu -p no:cacheprovider ${GPU_TESTS:-tests} > "$OUT/gpu_tests.log" 2>&1 || status=1
               tail -n 30 "$OUT/gpu_tests.log" ;;
     kernels)  $T python3 bench/bench_kernels.py --out "$OUT" ${KERNEL_ARGS:-} > "$OUT/kernels.txt" 2>&1 || status=1; tail -n 80 "$OUT/kernels.txt" ;;
-    model)    $T python3 bench/bench_model.py --out "$OUT" ${MODEL_ARGS:-} || status=1 ;;
+    model)    $T python3 bench/bench_model.py --out "$OUT" ${MODEL_ARGS:-} || status=1
+              $T python3 bench/bench_conv_forms.py --out "$OUT" > "$OUT/conv_forms.txt" 2>&1 || status=1 ;;
     train)    # the fused+compile rows mean something only if our ops are in the compiled graphs: count them first
               $T python3 bench/compiled_ops.py > "$OUT/compiled_ops.txt" 2>&1 || status=1
               grep -v Warning "$OUT/compiled_ops.txt" | tail -n 5
@@ -46,7 +47,13 @@ for stage in "${stages[@]}"; do
               done
               [ -n "${PROFILE_MODES:-}" ] && continue  # only the training modes asked for
               $T python3 bench/profile_model.py --fused --fp16 --graph --channels-last > "$OUT/profile_model.txt" 2>&1 || status=1
-              head -n 40 "$OUT/profile_model.txt" ;;
+              head -n 40 "$OUT/profile_model.txt"
+              # the fastest frame (Reenactor(backend="fused", compile=True)), and the convolutions by shape
+              $T python3 bench/profile_model.py --fused --fp16 --graph --channels-last --compile \
+                > "$OUT/profile_model_compile.txt" 2>&1 || status=1
+              $T python3 bench/profile_model.py --fused --fp16 --channels-last --shapes \
+                > "$OUT/profile_model_shapes.txt" 2>&1 || status=1
+              grep -A12 "GPU kernel time" "$OUT/profile_model_compile.txt" ;;
     ddp)      ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
               if [ "$ngpu" -ge 2 ]; then
                 $T python3 bench/ddp_scaling.py --out "$OUT/ddp" --nproc "$ngpu" ${DDP_ARGS:-} || status=1
