@@ -483,21 +483,23 @@ def _channels_last(t: torch.Tensor) -> bool:
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
+def _has_flat_plane(t: torch.Tensor) -> bool:
+    """One pixel stride walks the (h, w) plane: p = h * W + w."""
+    return t.shape[2] == 1 or t.shape[3] == 1 or t.stride(2) == t.shape[3] * t.stride(3)
+
+
 def _dense(t: torch.Tensor) -> torch.Tensor:
     """t if NCHW- or channels-last-dense with a flat (h, w) plane, else an NCHW copy."""
-    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
-        if t.shape[2] == 1 or t.shape[3] == 1 or t.stride(2) == t.shape[3] * t.stride(3):
-            return t
+    if (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)) and _has_flat_plane(t):
+        return t
     return t.contiguous()
 
 
 def _flat_plane(t: torch.Tensor) -> torch.Tensor:
-    """t if its (h, w) plane is flat (one pixel stride), whatever its batch and channel strides, else an
-    NCHW copy: the mask logits may be a channel slice of the stacked 7x7 heads (model.blocks.conv_heads),
-    which the kernels read through their own strides (l_sn, l_sk, l_sp) without a copy."""
-    if t.shape[2] == 1 or t.shape[3] == 1 or t.stride(2) == t.shape[3] * t.stride(3):
-        return t
-    return t.contiguous()
+    """t if its (h, w) plane is flat, whatever its batch and channel strides, else an NCHW copy: the mask
+    logits may be a channel slice of the stacked 7x7 heads (model.blocks.conv_heads), which the kernels
+    read through their own strides (l_sn, l_sk, l_sp) without a copy."""
+    return t if _has_flat_plane(t) else t.contiguous()
 
 
 def _pixel_stride(t: torch.Tensor) -> int:

@@ -6,14 +6,12 @@ the fused kernel on CUDA.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import zconv_block
-from ..kernels._dispatch import forced, use_triton
+from ..kernels._dispatch import use_triton
 
 
 def _epilogue_fits(conv: nn.Conv2d) -> bool:
@@ -22,9 +20,8 @@ def _epilogue_fits(conv: nn.Conv2d) -> bool:
 
 
 def merge_heads(impl: str, x: torch.Tensor) -> bool:
-    """Whether conv_heads stacks the heads: on the fused path, i.e. where the kernels run (CUDA) or are
-    forced (impl="triton", OSTNET_IMPL=triton)."""
-    return forced(impl) or (impl == "auto" and x.is_cuda and os.environ.get("OSTNET_IMPL", "auto") == "auto")
+    """Whether conv_heads stacks the heads: on the fused path, decided as for the kernels (use_triton)."""
+    return use_triton("conv_heads", impl, x)
 
 
 def conv_heads(x: torch.Tensor, convs: tuple[nn.Conv2d, ...], merge: bool = True) -> list[torch.Tensor]:

@@ -203,16 +203,16 @@ class FusedBackend(TorchBackend):
         if compile:  # the instance attribute shadows the method: every caller gets the compiled step
             self._animate = torch.compile(self._animate, dynamic=False)
         # Channels-last on CUDA: cuDNN's tensor-core convs want NHWC; in NCHW every conv pays two layout
-        # transposes (H100, bench/results: 2.13 vs 2.88 ms a frame at batch 1 fp16). A copy, so the
-        # caller's model (and its checkpoint saving, which needs contiguous tensors) is untouched.
+        # transposes (H100, bench/results: 2.13 vs 2.88 ms a frame at batch 1 fp16). fp16 (CUDA only, as
+        # TorchBackend checks): the convs' weights stored in fp16, no weight casts in every frame
+        # (OSTNet.cast_conv_weights). Both on a copy, so the caller's model (and its checkpoint saving, which
+        # needs contiguous fp32 tensors) is untouched.
         self.channels_last = channels_last and self.device.type == "cuda"
+        if (self.channels_last or fp16) and self.model is model:  # not already a copy made by TorchBackend
+            self.model = _model_copy(model, fused=True)
         if self.channels_last:
-            if self.model is model:  # not already a copy made by TorchBackend
-                self.model = _model_copy(model, fused=True)
             self.model = self.model.to(memory_format=torch.channels_last)
-        if fp16 and self.device.type == "cuda":  # no weight casts in every frame (OSTNet.cast_conv_weights)
-            if self.model is model:
-                self.model = _model_copy(model, fused=True)
+        if fp16:
             self.model.cast_conv_weights(torch.float16)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graph = None
