@@ -295,11 +295,11 @@ if HAS_TRITON:
         """f(p) = a_0 + a_x x + a_y y + sum_i w_i U(|p - t_i|) for 1-D pixel vectors, for SAMPLES (1, 2 or 4)
         samples b0.. whose (T+3, 2) params are rows of par_ptr (B, T+3, 2): the radial basis (the costly
         part, a log per fiducial) is evaluated once for all of them. -> (gx0, gy0, .., gx3, gy3); slots past
-        SAMPLES hold sample 0's affine part only (unused). A loop over the fiducials keeps every sum in its lane's registers. (Summing
-        the (BLOCK_P, BLOCK_T) tile of tps_basis over T instead, as the kernels did, spreads T over a warp's
-        32 lanes: 160 shuffles per thread and sample on sm_90, and the SASS of the forward kernels was mostly
-        those.) Four samples: 15.5 us against 18.8 with pairs for the warp forward, batch 8 3x256x256 fp32
-        (H200, bench/results/h200-2026-12-01-s10)."""
+        SAMPLES hold sample 0's affine part only (unused). A loop over the fiducials keeps every sum in its
+        lane's registers. (Summing the (BLOCK_P, BLOCK_T) tile of tps_basis over T instead, as the kernels
+        did, spreads T over a warp's 32 lanes: 160 shuffles per thread and sample on sm_90, and the SASS of
+        the forward kernels was mostly those.) Four samples: 15.5 us against 18.8 with pairs for the warp
+        forward, batch 8 3x256x256 fp32 (H200, bench/results/h200-2026-12-01-s10)."""
         p0 = par_ptr + b0 * (T + 3) * 2
         p1 = par_ptr + b1 * (T + 3) * 2
         p2 = par_ptr + b2 * (T + 3) * 2

@@ -9,9 +9,9 @@ forward pass has no inverse or solve (ONNX/TensorRT friendly).
 
 Triton path (what is fused, and the design limits):
 - forward: params = coef @ C, (B, T+3, 2), is tiny and done in torch (fp32, fp64 for fp64 control
-  points). One program then owns BLOCK_P pixels (one a thread) of up to four samples (`tu.tps_map`): a loop over
-  the fiducials evaluates U(|p - t_i|) once for all of them (it does not depend on the sample) and
-  accumulates both maps in registers. No (H*W, T) matrix is ever materialised, and no sum crosses lanes.
+  points). One program then owns BLOCK_P pixels (one a thread) of up to four samples (`tu.tps_map`): a
+  loop over the fiducials evaluates U(|p - t_i|) once for all of them (it does not depend on the sample)
+  and accumulates their maps in registers. No (H*W, T) matrix is ever materialised, and no sum crosses lanes.
 - backward (to the control points only; target points and coef are constants, they get no grad):
   dL/dw_i = sum_p U_i(p) g(p), dL/da = sum_p (1, x, y) g(p). Here the basis is a (BLOCK_P, BLOCK_T)
   register tile, shared by up to 4 samples of a program (`tps_samples`), reduced over its pixels and

@@ -8,9 +8,8 @@ Triton path (what is fused, and the design limits):
   evaluates their TPS maps in registers with one radial basis (`tu.tps_map`, one fast log a fiducial:
   `tu.FAST_LOG`; params = coef @ C precomputed in torch, tiny: a Triton kernel for it measured 2 us slower
   than torch's cast + batched matmul on the H200, and computing them in the warp kernel's programs doubled
-  its time), then samples each image bilinearly, looping over channels with the
-  tap weights computed once (the same device functions as grid_sample, `_triton_utils`). No grid tensor
-  is written or read.
+  its time), then samples each image bilinearly, looping over channels with the tap weights computed once
+  (the same device functions as grid_sample, `_triton_utils`). No grid tensor is written or read.
 - backward, ONE kernel, flags for the grads that are needed: the grid is recomputed in registers
   (`tu.tps_map` per sample; the (BLOCK_P, BLOCK_T) basis tile, shared by up to 4 samples, serves the
   params reduction); image grad is scattered with fp32 atomics into a zero-filled buffer as in
