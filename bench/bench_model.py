@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from pathlib import Path
@@ -99,8 +100,13 @@ def main(argv=None) -> int:
                 # compiling): only when named in --variants.
                 variants["fused channels-last compile max-autotune + CUDA graphs"] = (
                     "graph", fused_cl, cl_state, "max-autotune-no-cudagraphs")
+                # An A/B of the split-K convolution (kernels/conv2d.py) in one run: every convolution on
+                # cuDNN, as before it (only when named in --variants).
+                variants["fused channels-last compile + CUDA graphs (cuDNN convs)"] = (
+                    "graph", fused_cl, cl_state, "compile", {"OSTNET_REFERENCE_OPS": "conv2d"})
             variants = {k: v for k, v in variants.items()
-                        if (not wanted and "max-autotune" not in k) or k in wanted or k == "reference eager"}
+                        if (not wanted and "max-autotune" not in k and "cuDNN convs" not in k) or k in wanted
+                        or k == "reference eager"}
             base_ms = None
             best_compile_ms = None
             ref_out = variants["reference eager"](driving).float().clone()
@@ -111,11 +117,18 @@ def main(argv=None) -> int:
                     if isinstance(fn, tuple) and fn[0] == "graph":
                         x = cl(driving) if fn[1] in (fused_cl, ref_cl) else driving
                         step = make_step(fn[1], fn[2], dtype)
-                        if fn[3:]:  # "compile" (default mode) or a torch.compile mode
-                            torch._dynamo.reset()
-                            step = torch.compile(step, mode=None if fn[3] == "compile" else fn[3])
-                            step(x)  # compiles before the capture
-                        graphed = GraphedStep(step, (x,))
+                        env = fn[4] if len(fn) > 4 else {}
+                        saved = {k: os.environ.get(k) for k in env}
+                        os.environ.update(env)  # read while tracing and capturing (the dispatch's env switches)
+                        try:
+                            if fn[3:]:  # "compile" (default mode) or a torch.compile mode
+                                torch._dynamo.reset()
+                                step = torch.compile(step, mode=None if fn[3] == "compile" else fn[3])
+                                step(x)  # compiles before the capture
+                            graphed = GraphedStep(step, (x,))
+                        finally:
+                            for k, v in saved.items():
+                                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
                         fn = lambda d, g=graphed: g(d)  # copied into the graph's (channels-last) input buffer
                     elif isinstance(fn, tuple):
                         torch._dynamo.reset()

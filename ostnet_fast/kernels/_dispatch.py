@@ -22,7 +22,7 @@ from . import _triton_utils
 
 log = logging.getLogger("ostnet_fast.kernels")
 IMPLS = ("auto", "reference", "triton")
-OPS = ("dense_motion_combine", "dense_motion_front", "grid_sample", "keypoint_head", "tps_grid", "tps_warp",
+OPS = ("conv2d", "dense_motion_combine", "dense_motion_front", "grid_sample", "keypoint_head", "tps_grid", "tps_warp",
        "zconv_block")
 
 

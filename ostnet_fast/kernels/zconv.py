@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._dispatch import forced, use_triton
+from .conv2d import conv2d, conv2d_module, from_block
 
 from ._triton_utils import HAS_TRITON, tl, triton  # one import guard for every kernel
 
@@ -63,12 +64,15 @@ def _empty(*shape, **kwargs) -> torch.Tensor:
 
 
 def zconv_block_reference(x: torch.Tensor, zb: torch.Tensor | None, conv: nn.Conv2d, norm: nn.BatchNorm2d,
-                          mode: str) -> torch.Tensor:
+                          mode: str, conv_impl: str = "reference") -> torch.Tensor:
+    """The block in PyTorch ops. conv_impl is the convolution's (kernels.conv2d): zconv_block passes "auto"
+    where it does not take the fused epilogue (under torch.compile), so the convolution can still take the
+    split-K kernel."""
     if mode == "up":
         x = F.interpolate(x, scale_factor=2)
     if zb is not None:
         x = x + zb[:, :, None, None].to(x.dtype)
-    out = F.relu(norm(conv(x)))
+    out = F.relu(norm(conv2d_module(conv, x, conv_impl)))
     if mode == "down":
         out = F.avg_pool2d(out, kernel_size=2)
     return out
@@ -880,10 +884,11 @@ def _log_once(why: str) -> None:
     log.info("zconv_block: using the PyTorch reference (%s)", why)
 
 
-def _zconv_block_triton(x, zb, conv: nn.Conv2d, norm: nn.BatchNorm2d, mode: str) -> torch.Tensor:
+def _zconv_block_triton(x, zb, conv: nn.Conv2d, norm: nn.BatchNorm2d, mode: str, impl: str) -> torch.Tensor:
     if mode == "up":
         x = F.interpolate(x, scale_factor=2)  # (B, C_in, 2H, 2W)
-    conv_out = F.conv2d(x, conv.weight, None, padding=1)  # (B, C_out, Hc, Wc), cuDNN, no bias, no zb
+    # (B, C_out, Hc, Wc), no bias, no zb: cuDNN, or the split-K kernel on small maps at inference
+    conv_out = conv2d(x, conv.weight, None, (1, 1), from_block(impl))
     b, c, hc, wc = conv_out.shape
     if norm.num_features != c:
         raise ValueError(f"zconv_block: norm has {norm.num_features} features, conv gives {c} channels")
@@ -937,9 +942,10 @@ def zconv_block(x: torch.Tensor, zb: torch.Tensor | None, conv: nn.Conv2d, norm:
         if why is None and norm.momentum is None and norm.training and torch.compiler.is_compiling():
             why = "BatchNorm momentum=None under torch.compile (its factor 1/n would be read from the GPU)"
         if why is None:
-            return _zconv_block_triton(x, zb, conv, norm, mode)
+            return _zconv_block_triton(x, zb, conv, norm, mode, impl)
         if impl == "triton":
             raise ValueError(f"zconv_block: the fused kernel does not support this block: {why}")
         if not torch.compiler.is_compiling():  # a logger call would break dynamo's graph
             _log_once(why)
+        return zconv_block_reference(x, zb, conv, norm, mode, conv_impl="auto")
     return zconv_block_reference(x, zb, conv, norm, mode)

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import zconv_block
+from ..kernels import conv2d, zconv_block
 from ..kernels._dispatch import use_triton
+from ..kernels.conv2d import conv2d_module
 
 
 def _epilogue_fits(conv: nn.Conv2d) -> bool:
@@ -41,7 +42,10 @@ def conv_heads(x: torch.Tensor, convs: tuple[nn.Conv2d, ...], merge: bool = True
             raise ValueError(f"conv_heads: the convolutions must share their geometry, got {first} and {c}")
     weight = torch.cat([c.weight for c in convs])
     bias = torch.cat([c.bias for c in convs]) if first.bias is not None else None
-    out = F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation)
+    if first.stride == (1, 1) and first.dilation == (1, 1) and not isinstance(first.padding, str):
+        out = conv2d(x, weight, bias, first.padding)  # the split-K kernel where faster (the 7x7 mask head)
+    else:
+        out = F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation)
     return list(out.split([c.out_channels for c in convs], dim=1))
 
 
@@ -71,7 +75,7 @@ class ResBlock2d(nn.Module):
         else:
             h = torch.native_batch_norm(x, n.weight, n.bias, n.running_mean, n.running_var, False, 0.0, n.eps)[0]
         out = zconv_block(F.relu(h), None, self.conv1, self.norm2, "same", impl=impl)
-        return self.conv2(out) + x
+        return conv2d_module(self.conv2, out, impl) + x
 
 
 class _ConvBlock(nn.Module):

@@ -1,0 +1,332 @@
+"""Convolution as an implicit GEMM with split-K, for the frame's small-map and few-channel convolutions.
+
+out[n, o, h, w] = bias[o] + sum_{c, i, j} x[n, c, h + i - ph, w + j - pw] W[o, c, i, j]   (stride 1, zeros)
+
+As a GEMM: M = B * H * W output pixels, N = C_out, K = kh * kw * C_in, with K walked tap by tap (one tap and
+BLOCK_K input channels per step, so the loads run along the contiguous channels of channels-last memory).
+cuDNN serves the model's big maps well, but at batch 1 the hourglass bottlenecks (4x4 and 8x8 maps, 0.5-2K
+channels) leave it few output tiles for many weights: a 1024 -> 1024 3x3 conv on a 4x4 map reads 19 MB of
+fp16 weights (~4 us at HBM speed) and took cuDNN 20 us (H200, bench/results/h200-2026-12-01-s10). Split-K
+gives every SM a share of the weights: program (m, n, s) sums the s-th slice of K for one output tile and
+writes an fp32 partial. Eagerly one more launch sums the partials (+ bias, cast); under torch.compile the
+sum is torch ops, which inductor fuses into the batch norm + ReLU kernel that follows where it can (in the
+compiled frame about half of them; the others cost a small reduction kernel each). With one split the
+kernel adds the bias and writes the output in the input's dtype itself.
+
+Forward only: the backward is cuDNN's (aten.convolution_backward), the same as the reference's. fp32 inputs
+use exact fp32 dot products (no TF32), fp64 runs in fp64 (tests). Which convolutions take this kernel, and
+with which tiles, is `plan`'s table: measured per shape against cuDNN (bench/bench_conv2d.py).
+Limits: stride 1, dilation 1, groups 1, zero padding; offsets int32 (x and out below 2**31 elements).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from . import _triton_utils as tu
+from ._dispatch import use_triton
+
+if tu.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+
+class Tiles(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    splits: int
+    warps: int
+    stages: int
+
+
+def conv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     padding: tuple[int, int]) -> torch.Tensor:
+    return F.conv2d(x, weight, bias, padding=padding)
+
+
+if tu.HAS_TRITON:
+
+    # The sizes vary per layer and do not shape the code: no recompile for each (strides, C_in and C_out
+    # stay specialised: their divisibility by 16 makes the channel loads vector loads).
+    @triton.jit(do_not_specialize=["HWO", "WO", "H", "W", "M", "CBLOCKS", "STEPS_PER_SPLIT", "TOTAL_STEPS"])
+    def _conv2d_fwd_kernel(
+        x_ptr,  # (B, C_in, H, W), any strides
+        w_ptr,  # (C_out, C_in, KH, KW), any strides
+        b_ptr,  # (C_out,) bias, if HAS_BIAS
+        out_ptr,  # SPLIT: (splits, M, C_out) fp32 partials; else (M, C_out) output rows (pixel-major, i.e.
+                  # channels-last) in x's dtype
+        HWO, WO, H, W,  # output map (HWO = its pixels), input map
+        CIN, COUT, M, CBLOCKS, STEPS_PER_SPLIT, TOTAL_STEPS,
+        x_n, x_c, x_h, x_w, w_o, w_c, w_h, w_w,
+        KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+        HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_n = offs_n < COUT
+        n = offs_m // HWO
+        hw = offs_m - n * HWO
+        h = hw // WO
+        w = hw - h * WO
+        x_pix = x_ptr + n * x_n  # (BLOCK_M,) pointers to each output pixel's sample
+        w_out = w_ptr + offs_n * w_o
+        acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+        start = pid_s * STEPS_PER_SPLIT
+        end = tl.minimum(start + STEPS_PER_SPLIT, TOTAL_STEPS)
+        for step in range(start, end):  # one step: one tap (i, j) and BLOCK_K input channels
+            tap = step // CBLOCKS
+            c = (step - tap * CBLOCKS) * BLOCK_K + offs_k
+            i = tap // KW
+            j = tap - i * KW
+            hh = h + (i - PH)
+            ww = w + (j - PW)
+            ok_m = mask_m & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            ok_c = c < CIN
+            a = tl.load((x_pix + hh * x_h + ww * x_w)[:, None] + (c * x_c)[None, :],
+                        mask=ok_m[:, None] & ok_c[None, :], other=0.0)
+            b = tl.load((w_out + i * w_h + j * w_w)[None, :] + (c * w_c)[:, None],
+                        mask=ok_c[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+        rows = offs_m[:, None] * COUT + offs_n[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+        if SPLIT:
+            tl.store(out_ptr + pid_s * M * COUT + rows, acc, mask=mask)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
+            tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+if tu.HAS_TRITON:
+
+    @triton.jit(do_not_specialize=["MN"])
+    def _conv2d_sum_kernel(part_ptr, b_ptr, out_ptr, MN, COUT, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           ACC: tl.constexpr, BLOCK: tl.constexpr):
+        """out[i] = sum_s part[s, i] (+ bias[i % C_out]) in out's dtype: the eager path's one launch after a
+        split kernel (compiled, torch ops: see _finish_traced)."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        acc = tl.zeros([BLOCK], ACC)
+        for s in tl.static_range(SPLITS):  # unrolled: the loads go out together
+            acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs % COUT, mask=mask, other=0.0).to(ACC)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def out_size(x: torch.Tensor, weight: torch.Tensor, padding) -> tuple[int, int]:
+    return x.shape[2] + 2 * padding[0] - weight.shape[2] + 1, x.shape[3] + 2 * padding[1] - weight.shape[3] + 1
+
+
+def _precision(x: torch.Tensor) -> str:
+    # fp32: exact products (Triton's default is TF32, 10-bit mantissas); fp16/bf16 products are exact anyway.
+    return "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def conv2d_partials(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int],
+                    tiles: Tiles) -> torch.Tensor:
+    """The kernel: with tiles.splits == 1 the output (B, C_out, H, W) channels-last in x's dtype, bias added;
+    else (splits, B, H, W, C_out) partial sums in fp32 (fp64 for fp64 x), no bias."""
+    bsz, cin, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    ho, wo = out_size(x, weight, padding)
+    m = bsz * ho * wo
+    cblocks = triton.cdiv(cin, tiles.block_k)
+    total = kh * kw * cblocks
+    per_split = triton.cdiv(total, tiles.splits)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    if tiles.splits == 1:
+        out = tu.empty_output((bsz, cout, ho, wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    else:
+        out = tu.empty_output((tiles.splits, bsz, ho, wo, cout), device=x.device, dtype=acc)
+    grid = (triton.cdiv(m, tiles.block_m), triton.cdiv(cout, tiles.block_n), tiles.splits)
+    _conv2d_fwd_kernel[grid](
+        x, weight, bias if bias is not None else x, out,
+        ho * wo, wo, h, w, cin, cout, m, cblocks, per_split, total,
+        *x.stride(), *weight.stride(),
+        KW=kw, PH=padding[0], PW=padding[1], HAS_BIAS=bias is not None, SPLIT=tiles.splits > 1,
+        ACC=tu.acc_dtype(x), PRECISION=_precision(x),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        num_warps=tiles.warps, num_stages=tiles.stages)
+    return out
+
+
+def sum_partials(part: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """(splits, B, H, W, C_out) partials -> their sum + bias, (B, C_out, H, W) channels-last in `dtype`."""
+    splits, bsz, h, w, cout = part.shape
+    out = tu.empty_output((bsz, cout, h, w), device=part.device, dtype=dtype, memory_format=torch.channels_last)
+    mn = bsz * h * w * cout
+    block = 1024
+    _conv2d_sum_kernel[(triton.cdiv(mn, block),)](
+        part, bias if bias is not None else part, out, mn, cout, SPLITS=splits, HAS_BIAS=bias is not None,
+        ACC=tu.acc_dtype(part), BLOCK=block, num_warps=4)
+    return out
+
+
+def _finish_traced(part: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, splits: int) -> torch.Tensor:
+    """sum_partials in torch ops, under torch.compile: inductor can fuse the sum, the bias and the cast into
+    the pointwise kernel that follows the convolution (batch norm, ReLU), where split-K then costs no launch."""
+    if splits == 1:
+        return part
+    out = part.sum(0)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.to(x.dtype).permute(0, 3, 1, 2)
+
+
+def _conv_backward(grad, x, weight, has_bias: bool, padding, needs):
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad, x, weight, [weight.shape[0]] if has_bias else None, [1, 1], list(padding), [1, 1], False, [0, 0],
+        1, [needs[0], needs[1], has_bias and needs[2]])
+    return gx, gw, gb
+
+
+class Conv2dFn(torch.autograd.Function):
+    """The kernel and (with splits > 1) sum_partials, eagerly; the backward is cuDNN's."""
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding, tiles):
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.has_bias = padding, bias is not None
+        if tiles.splits == 1:
+            return conv2d_partials(x, weight, bias, padding, tiles)
+        return sum_partials(conv2d_partials(x, weight, None, padding, tiles), bias, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        gx, gw, gb = _conv_backward(grad, x, weight, ctx.has_bias, ctx.padding, ctx.needs_input_grad)
+        return gx, gw, gb, None, None
+
+
+# The kernel as a custom op, for torch.compile: opaque to inductor, which may fuse the partials' sum, the
+# bias and the pointwise work that follows into one kernel.
+@torch.library.custom_op("ostnet::conv2d_partials", mutates_args=())
+def _conv2d_partials_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: list[int],
+                        tiles: list[int]) -> torch.Tensor:
+    return conv2d_partials(x, weight, bias, tuple(padding), Tiles(*tiles))
+
+
+@_conv2d_partials_op.register_fake
+def _(x, weight, bias, padding, tiles):
+    bsz, cout = x.shape[0], weight.shape[0]
+    ho, wo = out_size(x, weight, padding)
+    if tiles[3] == 1:
+        return torch.empty((bsz, cout, ho, wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    return x.new_empty((tiles[3], bsz, ho, wo, cout), dtype=torch.promote_types(x.dtype, torch.float32))
+
+
+def _partials_setup(ctx, inputs, output):
+    x, weight, bias, padding, tiles = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.padding, ctx.has_bias, ctx.splits = padding, bias is not None, tiles[3]
+
+
+def _partials_backward(ctx, grad):
+    """grad is dL/d(partials): every split's partial enters the output with weight 1, so dL/dout is any
+    split's slice (all the same: the sum's backward broadcasts), and with one split it is dL/dout itself."""
+    x, weight = ctx.saved_tensors
+    g = grad if ctx.splits == 1 else grad[0].permute(0, 3, 1, 2)  # (B, H, W, C_out) -> an NCHW view
+    gx, gw, gb = _conv_backward(g, x, weight, ctx.has_bias, ctx.padding, ctx.needs_input_grad)
+    return gx, gw, gb, None, None
+
+
+_conv2d_partials_op.register_autograd(_partials_backward, setup_context=_partials_setup)
+
+
+# Output tiles x splits per launch that `plan` aims for: two programs per SM of an H100/H200 (132 SMs).
+TARGET_PROGRAMS = 264
+
+
+def plan(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> Tiles | None:
+    """The kernel's tiles for this convolution at inference, or None where cuDNN is as fast or faster.
+
+    The kernel is taken where the output is small, M * C_out <= 2**18 values (M = B * H_out * W_out): too
+    few output tiles for cuDNN to spread over the GPU, so it streams the weights through a few SMs. Measured
+    on an H200 (bench/results/h200-2026-12-01-s11/: conv2d_sweep.json, the frame's shapes at batch 1 and 8,
+    fp16 channels-last, weights read from HBM), the kernel is 1.3-3.8x faster than cuDNN at every such
+    shape with C_in % 16 == 0, e.g. the hourglass bottleneck 1024 -> 512 on 4x4 (21.4 -> 5.6 us) and the
+    128 -> 17 7x7 mask head on 64x64 (36 -> 16 us). Above it the kernel ties or loses: the generator's
+    twelve 512 -> 512 convolutions on 32x32 tie in isolation (19 us) and lost inside the compiled frame, where
+    cuDNN took 15.5 us and the split-K partials cost a reduction kernel each; 64x64 maps with 256-512
+    channels lose (0.6-0.9x). 3- and 35-channel inputs lose too (C_in % 16 != 0).
+    Tiles: 16 pixel rows for the 4x4 maps at batch 1, else 64; 64 or 128 output channels; as many K-splits
+    (powers of 2, up to 32, at least 2 steps each) as bring the programs to TARGET_PROGRAMS: at most 22%
+    slower than the sweep's best tiles at any planned shape, most within 12% (conv2d_plan.json).
+    Inference only (gradients off): in training the forward is a small part of a step whose backward
+    stays cuDNN's."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None
+    if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
+        return None
+    if not (tu.is_channels_last(x) and weight.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    bsz, cin = x.shape[:2]
+    cout, _, kh, kw = weight.shape
+    if kh != kw or kh not in (3, 7) or cin % 16:
+        return None
+    ho, wo = out_size(x, weight, padding)
+    m = bsz * ho * wo
+    if m * cout > 2 ** 18:
+        return None
+    block_m = 16 if m <= 16 else 64
+    block_n = 64 if (cout <= 64 or block_m == 16) else 128
+    block_k = 64
+    tiles = -(-m // block_m) * -(-cout // block_n)
+    steps = kh * kw * -(-cin // block_k)
+    splits = 1
+    while splits < 32 and tiles * splits * 2 <= TARGET_PROGRAMS and steps >= 4 * splits:
+        splits *= 2
+    return Tiles(block_m, block_n, block_k, splits, warps=4, stages=4 if m <= 128 else 3)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int] = (0, 0),
+           impl: str = "auto", tiles: Tiles | None = None) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=padding) (stride 1), through the split-K kernel where `plan` finds
+    it faster than cuDNN. impl="triton" always takes the kernel (with `tiles`, or a default where `plan` has
+    none); OSTNET_IMPL=triton in the environment does not: it forces the other kernels, and this one computes
+    the same convolution as cuDNN, chosen for speed."""
+    if x.dim() != 4 or weight.dim() != 4 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"conv2d: x (B, C_in, H, W) and weight (C_out, C_in, kh, kw) must agree, got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    if use_triton("conv2d", impl, x, weight, bias):
+        if tiles is None:
+            tiles = plan(x, weight, padding)
+            if tiles is None and impl == "triton":
+                tiles = DEFAULT_TILES
+        if tiles is not None:
+            tu.check_launch("conv2d", 1, max(x.numel(), x.shape[0] * weight.shape[0] * x.shape[2] * x.shape[3]))
+            padding = (int(padding[0]), int(padding[1]))
+            if not torch.compiler.is_compiling():
+                return Conv2dFn.apply(x, weight, bias, padding, tiles)
+            part = _conv2d_partials_op(x, weight, bias if tiles.splits == 1 else None, list(padding), list(tiles))
+            return _finish_traced(part, x, bias, tiles.splits)
+    return conv2d_reference(x, weight, bias, padding)
+
+
+def from_block(impl: str) -> str:
+    """conv2d's impl inside a block called with `impl`: "reference" stays, anything else is "auto". Forcing
+    a block's kernels does not force this one: it computes the same convolution as cuDNN, and `plan` takes it
+    only where it is faster."""
+    return "reference" if impl == "reference" else "auto"
+
+
+def conv2d_module(conv: torch.nn.Conv2d, x: torch.Tensor, block_impl: str = "auto") -> torch.Tensor:
+    """conv(x) inside a block called with block_impl: through conv2d where the kernel supports the module's
+    geometry, else the module itself."""
+    impl = from_block(block_impl)
+    if (conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str)):
+        return conv2d(x, conv.weight, conv.bias, conv.padding, impl)
+    return conv(x)
+
+
+DEFAULT_TILES = Tiles(block_m=32, block_n=64, block_k=32, splits=2, warps=4, stages=2)

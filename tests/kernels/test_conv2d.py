@@ -1,0 +1,259 @@
+"""conv2d: the split-K implicit-GEMM convolution against F.conv2d, its plan, and where the model calls it.
+
+CPU runs need TRITON_INTERPRET=1 (see test_grid_sample.py). Exactness in float64 (odd sizes, odd channel
+counts, every kernel geometry the kernel takes, one and several K-splits, poisoned outputs), fp32 within
+1e-5 relative, fp16/bf16 against the fp64 reference with a stated tolerance, gradients (cuDNN's backward,
+reached through the kernel's autograd) and gradcheck; the custom op through opcheck and torch.compile.
+"""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ostnet_fast.kernels import _triton_utils as tu
+from tests.conftest import requires_triton_run
+
+kc = importlib.import_module("ostnet_fast.kernels.conv2d")
+triton_run = requires_triton_run()
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (B, C_in, H, W, C_out, kernel (kh, kw), padding (ph, pw)), small for the interpreter.
+GEOMETRIES = [
+    (2, 5, 7, 9, 7, (3, 3), (1, 1)),  # odd sizes, batch > 1, the model's 3x3
+    (1, 19, 5, 3, 9, (3, 3), (1, 1)),  # C_in over one 16-channel K block, a 3-wide map
+    (2, 6, 9, 8, 5, (7, 7), (0, 0)),  # 7x7 without padding (the keypoint heads): output 3x2
+    (1, 4, 6, 5, 3, (7, 7), (3, 3)),  # 7x7, padding 3 (the mask head): taps past every border
+    (3, 4, 4, 5, 3, (1, 1), (0, 0)),  # 1x1
+    (1, 3, 5, 6, 4, (3, 5), (1, 2)),  # a rectangular kernel
+    (1, 2, 1, 1, 3, (3, 3), (1, 1)),  # one pixel: only the centre tap reads inside
+]
+SMALL = kc.Tiles(block_m=16, block_n=16, block_k=16, splits=1, warps=4, stages=2)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    monkeypatch.setattr(tu, "POISON_OUTPUTS", True)
+
+
+def _inputs(geometry, dtype=torch.float64, channels_last=True, seed=0):
+    b, cin, h, w, cout, k, _ = geometry
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, cin, h, w, generator=g, dtype=torch.float64).to(DEV, dtype)
+    weight = torch.randn(cout, cin, *k, generator=g, dtype=torch.float64).to(DEV, dtype)
+    bias = torch.randn(cout, generator=g, dtype=torch.float64).to(DEV, dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    return x, weight, bias
+
+
+def _compare(geometry, tiles, dtype, channels_last, with_bias=True, rtol=1e-10, atol=1e-10):
+    x, weight, bias = _inputs(geometry, dtype, channels_last)
+    bias = bias if with_bias else None
+    pad = geometry[-1]
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias) if t is not None]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    unpack = lambda ls: (ls[0], ls[1], ls[2] if with_bias else None)
+    out = kc.conv2d(*unpack(leaves), pad, impl="triton", tiles=tiles)
+    ref = kc.conv2d_reference(*unpack(ref_leaves), pad)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last)  # what the model's channels-last path keeps
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
+    up = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEV)
+    grads = torch.autograd.grad(out, leaves, up.to(dtype))
+    rgrads = torch.autograd.grad(ref, ref_leaves, up)
+    for g, rg in zip(grads, rgrads):
+        assert g.shape == rg.shape
+        torch.testing.assert_close(g.double(), rg, rtol=max(rtol, 1e-9), atol=max(atol, 1e-9) * rg.abs().max().item())
+
+
+@triton_run
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_matches_reference_float64(geometry, splits, poisoned):
+    _compare(geometry, SMALL._replace(splits=splits), torch.float64, channels_last=True)
+
+
+@triton_run
+@pytest.mark.parametrize("tiles", [SMALL, kc.Tiles(32, 32, 32, 2, 4, 2), kc.Tiles(16, 16, 16, 64, 4, 1)],
+                         ids=["16x16x16", "32x32x32-split2", "more-splits-than-steps"])
+@pytest.mark.parametrize("channels_last, with_bias", [(False, True), (True, False)])
+def test_tiles_layouts_and_no_bias(tiles, channels_last, with_bias, poisoned):
+    """Tiles wider than the map or the channels, NCHW input (any strides are read), no bias; more splits than
+    K steps leave some programs an empty range, whose zero partials must still be written."""
+    _compare(GEOMETRIES[1], tiles, torch.float64, channels_last, with_bias)
+
+
+@triton_run
+def test_float32_is_exact_products_not_tf32(poisoned):
+    """fp32 dot products in full precision (Triton's default would be TF32, ~1e-3 relative)."""
+    geometry = (1, 40, 6, 7, 24, (3, 3), (1, 1))
+    x, weight, bias = _inputs(geometry, torch.float32)
+    out = kc.conv2d(x, weight, bias, (1, 1), impl="triton", tiles=SMALL._replace(splits=2))
+    ref = kc.conv2d_reference(x.double(), weight.double(), bias.double(), (1, 1))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@triton_run
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("splits", [1, 2])
+def test_half_precision_against_float64(dtype, splits):
+    """fp16/bf16 in, fp32 accumulation, output rounded once to the input's dtype: within 2 ulp of the
+    output's scale (fp16 2**-10, bf16 2**-7 relative) of the fp64 convolution of the same rounded inputs."""
+    if dtype == torch.bfloat16 and not torch.cuda.is_available():
+        pytest.skip("the Triton interpreter's dot has no bf16 (numpy has none); the GPU tests cover bf16")
+    geometry = (2, 32, 5, 6, 16, (3, 3), (1, 1))
+    x, weight, bias = _inputs(geometry, dtype)
+    out = kc.conv2d(x, weight, bias, (1, 1), impl="triton", tiles=SMALL._replace(splits=splits))
+    ref = kc.conv2d_reference(x.double(), weight.double(), bias.double(), (1, 1))
+    eps = 2 ** -10 if dtype == torch.float16 else 2 ** -7
+    assert (out.double() - ref).abs().max().item() <= 2 * eps * ref.abs().max().item()
+
+
+@triton_run
+@pytest.mark.parametrize("splits", [1, 2])
+def test_gradcheck_float64(splits):
+    x, weight, bias = _inputs((1, 3, 4, 3, 2, (3, 3), (1, 1)))
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+    tiles = SMALL._replace(splits=splits)
+    assert torch.autograd.gradcheck(lambda a, b, c: kc.conv2d(a, b, c, (1, 1), impl="triton", tiles=tiles), leaves)
+
+
+@triton_run
+@pytest.mark.parametrize("splits", [1, 2])
+def test_custom_op_opcheck_and_compiled(splits):
+    """The op torch.compile calls: opcheck (schema, fake shapes/strides, autograd), and a compiled graph
+    (the partials' sum traced as torch ops) equals the eager kernel, gradients included."""
+    x, weight, bias = _inputs((2, 5, 5, 4, 3, (3, 3), (1, 1)))
+    tiles = SMALL._replace(splits=splits)
+    torch.library.opcheck(kc._conv2d_partials_op, (x.requires_grad_(), weight.requires_grad_(),
+                                                   bias.requires_grad_() if splits == 1 else None, [1, 1], list(tiles)))
+    torch._dynamo.reset()
+    fn = lambda a, b, c: kc.conv2d(a, b, c, (1, 1), impl="triton", tiles=tiles) * 2
+    outs = []
+    for f in (fn, torch.compile(fn, backend="aot_eager", fullgraph=True)):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+        out = f(*leaves)
+        (out * (1 + torch.arange(out.numel(), device=DEV, dtype=out.dtype).view(out.shape) % 5)).sum().backward()
+        outs.append([out] + [t.grad for t in leaves])
+    torch._dynamo.reset()
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
+def _meta(b, cin, size, cout, k, dtype=torch.float16, channels_last=True):
+    x = torch.empty(b, cin, size, size, device="meta", dtype=dtype)
+    w = torch.empty(cout, cin, k, k, device="meta", dtype=dtype)
+    if channels_last:
+        x, w = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
+    return x, w
+
+
+@pytest.mark.parametrize("b, cin, size, cout, k, pad, want", [
+    (1, 1024, 4, 1024, 3, 1, kc.Tiles(16, 64, 64, 16, 4, 4)),  # the hourglass bottleneck: 16 tiles x 16 splits
+    (1, 2048, 8, 512, 3, 1, kc.Tiles(64, 128, 64, 32, 4, 4)),  # 4 tiles, up to 32 splits
+    (1, 64, 32, 128, 3, 1, kc.Tiles(64, 128, 64, 4, 4, 3)),  # 9 K steps: at most 4 splits of >= 2 steps
+    (1, 128, 64, 17, 7, 3, kc.Tiles(64, 64, 64, 4, 4, 3)),  # the 7x7 mask head: 4096 x 17 outputs
+    (8, 1024, 4, 1024, 3, 1, kc.Tiles(64, 128, 64, 16, 4, 4)),
+])
+def test_plan_takes_the_small_maps(b, cin, size, cout, k, pad, want):
+    x, w = _meta(b, cin, size, cout, k)
+    with torch.no_grad():
+        got = kc.plan(x, w, (pad, pad))
+    assert got == want
+    m = b * kc.out_size(x, w, (pad, pad))[0] ** 2
+    programs = -(-m // got.block_m) * -(-cout // got.block_n) * got.splits
+    steps = k * k * -(-cin // got.block_k)
+    assert programs <= kc.TARGET_PROGRAMS and (got.splits == 1 or steps >= 2 * got.splits)
+
+
+@pytest.mark.parametrize("case", ["big map", "512 channels on 32x32", "35 channels", "fp32", "NCHW",
+                                  "NCHW weight", "5x5", "training"])
+def test_plan_leaves_the_rest_to_cudnn(case):
+    args = dict(b=1, cin=256, size=16, cout=256, k=3)
+    if case == "big map":
+        args.update(size=64, cout=64, b=2)  # 8192 x 64 outputs, over 2**18
+    if case == "512 channels on 32x32":
+        args.update(cin=512, size=32, cout=512)  # the generator's residual blocks: slower in the frame
+    if case == "35 channels":
+        args.update(cin=35)
+    if case == "fp32":
+        args["dtype"] = torch.float32
+    if case == "NCHW":
+        args["channels_last"] = False
+    if case == "5x5":
+        args["k"] = 5
+    x, w = _meta(**args)
+    if case == "NCHW weight":
+        w = w.contiguous()
+    if case == "training":
+        w.requires_grad_()
+        assert kc.plan(x, w, (1, 1)) is None
+        return
+    with torch.no_grad():
+        assert kc.plan(x, w, (args["k"] // 2,) * 2) is None
+    # the same convolution with gradients off and a supported form is planned (so each case tests its cause)
+    if case in ("NCHW", "NCHW weight", "fp32"):
+        x2, w2 = _meta(1, 256, 16, 256, 3)
+        with torch.no_grad():
+            assert kc.plan(x2, w2, (1, 1)) is not None
+
+
+def test_validation():
+    x = torch.randn(1, 4, 5, 5)
+    with pytest.raises(ValueError, match="must agree"):
+        kc.conv2d(x, torch.randn(3, 5, 3, 3), None, (1, 1))
+    with pytest.raises(ValueError, match="must agree"):
+        kc.conv2d(x[0], torch.randn(3, 4, 3, 3), None, (1, 1))
+
+
+def test_off_cuda_auto_is_the_reference():
+    x, w, b = (t.float() for t in _inputs(GEOMETRIES[0]))
+    out = kc.conv2d(x, w, b, (1, 1))
+    assert torch.equal(out, F.conv2d(x, w, b, padding=1))
+
+
+def test_conv2d_module_keeps_unsupported_geometry_on_the_module():
+    conv = nn.Conv2d(4, 3, 3, stride=2, padding=1).double()
+    x = torch.randn(1, 4, 7, 7, dtype=torch.float64)
+    torch.testing.assert_close(kc.conv2d_module(conv, x, "triton"), conv(x), rtol=0, atol=0)
+
+
+def test_forcing_a_block_does_not_force_conv2d(monkeypatch):
+    """A block called with impl="triton" (or OSTNET_IMPL=triton) lets plan choose; "reference" stays."""
+    assert kc.from_block("triton") == "auto" and kc.from_block("auto") == "auto"
+    assert kc.from_block("reference") == "reference"
+    monkeypatch.setenv("OSTNET_IMPL", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, w, b = (t.float() for t in _inputs(GEOMETRIES[0]))
+    calls = []
+    monkeypatch.setattr(kc, "conv2d_partials", lambda *a: calls.append(a))
+    out = kc.conv2d(x, w, b, (1, 1))  # fp32: no plan, so cuDNN (here the CPU conv) even with the env forcing
+    assert not calls and torch.equal(out, F.conv2d(x, w, b, padding=1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b, cin, size, cout, k, pad", [
+    (1, 1024, 4, 1024, 3, 1), (1, 2048, 8, 512, 3, 1), (1, 512, 32, 128, 3, 1), (8, 512, 4, 1024, 3, 1),
+    (1, 128, 64, 17, 7, 3), (1, 256, 16, 512, 3, 1)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_planned_kernel_matches_cudnn(b, cin, size, cout, k, pad, dtype):
+    """At the frame's shapes, with the tiles plan picks: against cuDNN in fp32 (TF32 off), within the
+    half-precision rounding of inputs and output. Also: plan does take these shapes."""
+    torch.backends.cudnn.allow_tf32 = False
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(b, cin, size, size, device="cuda", generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(cout, cin, k, k, device="cuda", generator=g) / (cin * k * k) ** 0.5).to(dtype)
+    w = w.contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(cout, device="cuda", generator=g).to(dtype)
+    with torch.inference_mode():
+        tiles = kc.plan(x, w, (pad, pad))
+        assert tiles is not None
+        out = kc.conv2d(x, w, bias, (pad, pad))
+        ref = F.conv2d(x.float(), w.float(), bias.float(), padding=pad)
+    eps = 2 ** -10 if dtype == torch.float16 else 2 ** -7
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert (out.float() - ref).abs().max().item() <= 4 * eps * ref.abs().max().item()
