@@ -34,7 +34,9 @@ for stage in "${stages[@]}"; do
               tail -n 30 "$OUT/gpu_tests.log" ;;
     kernels)  $T python3 bench/bench_kernels.py --out "$OUT" ${KERNEL_ARGS:-} > "$OUT/kernels.txt" 2>&1 || status=1; tail -n 80 "$OUT/kernels.txt" ;;
     model)    $T python3 bench/bench_model.py --out "$OUT" ${MODEL_ARGS:-} || status=1
-              $T python3 bench/bench_conv_forms.py --out "$OUT" > "$OUT/conv_forms.txt" 2>&1 || status=1 ;;
+              $T python3 bench/bench_conv_forms.py --out "$OUT" > "$OUT/conv_forms.txt" 2>&1 || status=1
+              # the split-K convolution against cuDNN at the frame's shapes, with the tiles the model takes
+              $T python3 bench/bench_conv2d.py --plan-only --out "$OUT" > "$OUT/conv2d.txt" 2>&1 || status=1 ;;
     train)    # the fused+compile rows mean something only if our ops are in the compiled graphs: count them first
               $T python3 bench/compiled_ops.py > "$OUT/compiled_ops.txt" 2>&1 || status=1
               grep -v Warning "$OUT/compiled_ops.txt" | tail -n 5

@@ -252,9 +252,10 @@ def plan(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> Til
     The kernel is taken where the output is small, M * C_out <= 2**18 values (M = B * H_out * W_out): too
     few output tiles for cuDNN to spread over the GPU, so it streams the weights through a few SMs. Measured
     on an H200 (bench/results/h200-2026-12-01-s11/: conv2d_sweep.json, the frame's shapes at batch 1 and 8,
-    fp16 channels-last, weights read from HBM), the kernel is 1.3-3.8x faster than cuDNN at every such
-    shape with C_in % 16 == 0, e.g. the hourglass bottleneck 1024 -> 512 on 4x4 (21.4 -> 5.6 us) and the
-    128 -> 17 7x7 mask head on 64x64 (36 -> 16 us). Above it the kernel ties or loses: the generator's
+    fp16 channels-last, weights read from HBM), the kernel with its best tiles is 1.2-3.8x faster than cuDNN
+    at every such shape with C_in % 16 == 0, e.g. the hourglass bottleneck 1024 -> 512 on 4x4 (21.4 -> 5.6
+    us) and the 128 -> 17 7x7 mask head on 64x64 (36 -> 16 us); with the tiles below 1.3-3.3x at batch 1
+    and 0.96-2.3x at batch 8 (conv2d_plan.json). Above it the kernel ties or loses: the generator's
     twelve 512 -> 512 convolutions on 32x32 tie in isolation (19 us) and lost inside the compiled frame, where
     cuDNN took 15.5 us and the split-K partials cost a reduction kernel each; 64x64 maps with 256-512
     channels lose (0.6-0.9x). 3- and 35-channel inputs lose too (C_in % 16 != 0).
@@ -291,14 +292,18 @@ def plan(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> Til
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int] = (0, 0),
            impl: str = "auto", tiles: Tiles | None = None) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=padding) (stride 1), through the split-K kernel where `plan` finds
-    it faster than cuDNN. impl="triton" always takes the kernel (with `tiles`, or a default where `plan` has
-    none); OSTNET_IMPL=triton in the environment does not: it forces the other kernels, and this one computes
-    the same convolution as cuDNN, chosen for speed."""
+    it faster than cuDNN, under torch.compile. Eagerly "auto" stays on cuDNN: there the partials' sum is a
+    launch of its own, and at the planned shapes kernel + sum saved 12 us a frame in all (slower than cuDNN at
+    four of them; bench/results/h200-2026-12-01-s11/conv2d_plan.json, `eager_us`, measured before the sum's
+    loop over the splits was unrolled), where inside the compiled frame the sum mostly joins the kernel
+    after it. impl="triton" always takes the kernel (with `tiles`, or
+    a default where `plan` has none); OSTNET_IMPL=triton in the environment does not: it forces the other
+    kernels, and this one computes the same convolution as cuDNN, chosen for speed."""
     if x.dim() != 4 or weight.dim() != 4 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"conv2d: x (B, C_in, H, W) and weight (C_out, C_in, kh, kw) must agree, got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
     if use_triton("conv2d", impl, x, weight, bias):
-        if tiles is None:
+        if tiles is None and (impl == "triton" or torch.compiler.is_compiling()):
             tiles = plan(x, weight, padding)
             if tiles is None and impl == "triton":
                 tiles = DEFAULT_TILES

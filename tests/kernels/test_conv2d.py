@@ -235,6 +235,24 @@ def test_forcing_a_block_does_not_force_conv2d(monkeypatch):
     assert not calls and torch.equal(out, F.conv2d(x, w, b, padding=1))
 
 
+@triton_run
+def test_auto_takes_the_kernel_only_under_compile(monkeypatch):
+    """Where plan has tiles, "auto" runs the kernel inside torch.compile and cuDNN eagerly."""
+    monkeypatch.setattr(kc, "use_triton", lambda *a: True)  # as on CUDA
+    monkeypatch.setattr(kc, "plan", lambda *a: SMALL._replace(splits=2))
+    x, w, b = _inputs(GEOMETRIES[0])
+    launched = []
+    real = kc.conv2d_partials
+    monkeypatch.setattr(kc, "conv2d_partials", lambda *a: launched.append(1) or real(*a))
+    eager = kc.conv2d(x, w, b, (1, 1))
+    assert not launched
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, w, b: kc.conv2d(x, w, b, (1, 1)), backend="aot_eager", fullgraph=True)(x, w, b)
+    torch._dynamo.reset()
+    assert launched
+    torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("b, cin, size, cout, k, pad", [
     (1, 1024, 4, 1024, 3, 1), (1, 2048, 8, 512, 3, 1), (1, 512, 32, 128, 3, 1), (8, 512, 4, 1024, 3, 1),
@@ -252,7 +270,7 @@ def test_gpu_planned_kernel_matches_cudnn(b, cin, size, cout, k, pad, dtype):
     with torch.inference_mode():
         tiles = kc.plan(x, w, (pad, pad))
         assert tiles is not None
-        out = kc.conv2d(x, w, bias, (pad, pad))
+        out = kc.conv2d(x, w, bias, (pad, pad), impl="triton", tiles=tiles)
         ref = F.conv2d(x.float(), w.float(), bias.float(), padding=pad)
     eps = 2 ** -10 if dtype == torch.float16 else 2 ** -7
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
