@@ -100,8 +100,8 @@ def main(argv=None) -> int:
                 # compiling): only when named in --variants.
                 variants["fused channels-last compile max-autotune + CUDA graphs"] = (
                     "graph", fused_cl, cl_state, "max-autotune-no-cudagraphs")
-                # An A/B of the split-K convolution (kernels/conv2d.py) in one run: every convolution on
-                # cuDNN, as before it (only when named in --variants).
+                # An A/B of kernels/conv2d.py in one run: every convolution on cuDNN as called (no split-K
+                # kernel, no channel padding, the blur as a grouped conv); only when named in --variants.
                 variants["fused channels-last compile + CUDA graphs (cuDNN convs)"] = (
                     "graph", fused_cl, cl_state, "compile", {"OSTNET_REFERENCE_OPS": "conv2d"})
             variants = {k: v for k, v in variants.items()

@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--graph", action="store_true", help="profile CUDA-graph replays of the step (GPU kernels only)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile (default mode) the step first, as Reenactor(compile=True) does")
+    ap.add_argument("--timeline", action="store_true",
+                    help="also list one step's GPU kernels in launch order, start (us) and time, full names")
     ap.add_argument("--shapes", action="store_true",
                     help="also list the convolutions by input shape (not with --graph: replays record no shapes)")
     args = ap.parse_args(argv)
@@ -76,6 +78,10 @@ def main(argv=None) -> int:
                 with record_function("frame"):
                     step()
             torch.cuda.synchronize()
+        if args.timeline:
+            with profile(activities=[ProfilerActivity.CUDA]) as one:
+                step()
+                torch.cuda.synchronize()
     for h in hooks:
         h.remove()
     events = prof.key_averages()
@@ -90,6 +96,13 @@ def main(argv=None) -> int:
         if e.key.startswith("stage::"):
             print(f"{e.key:32s} {e.device_time_total / e.count / 1000:8.3f} ms GPU/call  x{e.count // 10}/frame")
     print(events.table(sort_by="device_time_total", row_limit=args.top, max_name_column_width=70))
+    if args.timeline:
+        gpu_events = sorted((e for e in one.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                            key=lambda e: e.time_range.start)
+        t0 = gpu_events[0].time_range.start if gpu_events else 0
+        print("one step's kernels in order: start us, GPU us, name")
+        for e in gpu_events:
+            print(f"{e.time_range.start - t0:9.1f} {e.time_range.elapsed_us():7.2f}  {e.name[:200]}")
     if args.shapes:
         convs = [e for e in prof.key_averages(group_by_input_shape=True) if e.key == "aten::cudnn_convolution"]
         print("convolutions by shape: GPU us a call, calls a frame, [input, weight] shapes")

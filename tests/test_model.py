@@ -95,6 +95,24 @@ def test_cached_source_equals_full_forward_and_broadcasts():
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
 
 
+def test_channels_last_source_runs_the_dense_motion_hourglass_channels_last():
+    """The dense-motion front writes NCHW; with a channels-last source the hourglass input is made
+    channels-last, so its output (the 7x7 heads' input) is too, and the frame is unchanged."""
+    model = make_model().eval()
+    cl_model = make_model().eval().to(memory_format=torch.channels_last)
+    seen = []
+    cl_model.generator.dense_motion_network.hourglass.register_forward_hook(
+        lambda m, i, o: seen.append((i[0].is_contiguous(memory_format=torch.channels_last),
+                                     o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous())))
+    src, drv = images(2)
+    cl = lambda t: t.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = model.animate(model.encode_source(src[:1]), drv)["prediction"]
+        got = cl_model.animate(cl_model.encode_source(cl(src[:1])), cl(drv))["prediction"]
+    assert seen == [(True, True)]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_conv_weights_cast_to_the_autocast_dtype_give_the_same_frame():
     """cast_conv_weights(d) only removes autocast's per-call weight casts: under autocast(d) the frame is
     the same, bit for bit (CPU autocast is bfloat16; the fused backend does this in fp16 on CUDA)."""

@@ -1,4 +1,5 @@
-"""Convolution as an implicit GEMM with split-K, for the frame's small-map and few-channel convolutions.
+"""Convolution as an implicit GEMM with split-K, for the frame's small-output convolutions; and the frame's
+other convolutions where cuDNN is slow as called: odd channel counts, the strided anti-alias blur.
 
 out[n, o, h, w] = bias[o] + sum_{c, i, j} x[n, c, h + i - ph, w + j - pw] W[o, c, i, j]   (stride 1, zeros)
 
@@ -15,8 +16,9 @@ kernel adds the bias and writes the output in the input's dtype itself.
 
 Forward only: the backward is cuDNN's (aten.convolution_backward), the same as the reference's. fp32 inputs
 use exact fp32 dot products (no TF32), fp64 runs in fp64 (tests). Which convolutions take this kernel, and
-with which tiles, is `plan`'s table: measured per shape against cuDNN (bench/bench_conv2d.py).
-Limits: stride 1, dilation 1, groups 1, zero padding; offsets int32 (x and out below 2**31 elements).
+with which tiles, is `plan`'s rule, measured against cuDNN (bench/bench_conv2d.py); `pads_for_cudnn` and
+`blur_downsample` say what happens to the others.
+Limits: stride 1, dilation 1, groups 1, zero padding; offsets int32 (x and the partials below 2**31 elements).
 """
 from __future__ import annotations
 
@@ -136,6 +138,8 @@ def conv2d_partials(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                     tiles: Tiles) -> torch.Tensor:
     """The kernel: with tiles.splits == 1 the output (B, C_out, H, W) channels-last in x's dtype, bias added;
     else (splits, B, H, W, C_out) partial sums in fp32 (fp64 for fp64 x), no bias."""
+    if bias is not None and tiles.splits > 1:
+        raise ValueError("conv2d_partials: the bias goes to the partials' sum when splits > 1")
     bsz, cin, h, w = x.shape
     cout, _, kh, kw = weight.shape
     ho, wo = out_size(x, weight, padding)
@@ -234,7 +238,8 @@ def _partials_backward(ctx, grad):
     """grad is dL/d(partials): every split's partial enters the output with weight 1, so dL/dout is any
     split's slice (all the same: the sum's backward broadcasts), and with one split it is dL/dout itself."""
     x, weight = ctx.saved_tensors
-    g = grad if ctx.splits == 1 else grad[0].permute(0, 3, 1, 2)  # (B, H, W, C_out) -> an NCHW view
+    # (B, H, W, C_out) -> an NCHW view; split partials are fp32, cuDNN's backward wants x's dtype
+    g = grad if ctx.splits == 1 else grad[0].permute(0, 3, 1, 2).to(x.dtype)
     gx, gw, gb = _conv_backward(g, x, weight, ctx.has_bias, ctx.padding, ctx.needs_input_grad)
     return gx, gw, gb, None, None
 
@@ -247,21 +252,24 @@ TARGET_PROGRAMS = 264
 
 
 def plan(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> Tiles | None:
-    """The kernel's tiles for this convolution at inference, or None where cuDNN is as fast or faster.
+    """The kernel's tiles for this convolution at inference, or None where cuDNN is taken.
 
     The kernel is taken where the output is small, M * C_out <= 2**18 values (M = B * H_out * W_out): too
     few output tiles for cuDNN to spread over the GPU, so it streams the weights through a few SMs. Measured
     on an H200 (bench/results/h200-2026-12-01-s11/: conv2d_sweep.json, the frame's shapes at batch 1 and 8,
-    fp16 channels-last, weights read from HBM), the kernel with its best tiles is 1.2-3.8x faster than cuDNN
-    at every such shape with C_in % 16 == 0, e.g. the hourglass bottleneck 1024 -> 512 on 4x4 (21.4 -> 5.6
-    us) and the 128 -> 17 7x7 mask head on 64x64 (36 -> 16 us); with the tiles below 1.3-3.3x at batch 1
-    and 0.96-2.3x at batch 8 (conv2d_plan.json). Above it the kernel ties or loses: the generator's
-    twelve 512 -> 512 convolutions on 32x32 tie in isolation (19 us) and lost inside the compiled frame, where
-    cuDNN took 15.5 us and the split-K partials cost a reduction kernel each; 64x64 maps with 256-512
-    channels lose (0.6-0.9x). 3- and 35-channel inputs lose too (C_in % 16 != 0).
-    Tiles: 16 pixel rows for the 4x4 maps at batch 1, else 64; 64 or 128 output channels; as many K-splits
-    (powers of 2, up to 32, at least 2 steps each) as bring the programs to TARGET_PROGRAMS: at most 22%
-    slower than the sweep's best tiles at any planned shape, most within 12% (conv2d_plan.json).
+    fp16 channels-last, weights read from HBM), the kernel alone with its best tiles is 1.2-3.8x faster than
+    cuDNN at every such shape with C_in % 16 == 0, e.g. the hourglass bottleneck 1024 -> 512 on 4x4 (21.4 ->
+    5.6 us) and the 128 -> 17 7x7 mask head on 64x64 (36 -> 16 us); with the tiles below 1.3-3.3x at batch 1
+    (conv2d_plan.json). The bound 2**18 rests on one in-frame measurement: the generator's twelve 512 -> 512
+    convolutions on 32x32 (M * C_out = 2**19) tie in isolation (19 us) but lost inside the compiled frame,
+    where cuDNN took 15.5 us and the split-K partials cost a reduction kernel each. Some larger outputs do
+    win in isolation (64 -> 128 on 32x32 at batch 8), others lose (64x64 maps with 256-512 channels,
+    0.7-0.9x); they are left to cuDNN unmeasured in the frame. C_in % 16 != 0 (3 and 35 channels) loses.
+    Tiles: 16 pixel rows for the 4x4 maps at batch 1, else 64; 64 or 128 output channels; K-splits (powers
+    of 2, up to 32, about 2 or more steps each) until the programs reach TARGET_PROGRAMS, then as few splits
+    as give every split the same rounded-up number of steps, so that none is empty (that last step is not
+    measured: it only drops programs that wrote zeros). At most 22% slower than the sweep's best tiles at any
+    planned shape, most within 12% (conv2d_plan.json).
     Inference only (gradients off): in training the forward is a small part of a step whose backward
     stays cuDNN's."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
@@ -281,40 +289,119 @@ def plan(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> Til
     block_m = 16 if m <= 16 else 64
     block_n = 64 if (cout <= 64 or block_m == 16) else 128
     block_k = 64
-    tiles = -(-m // block_m) * -(-cout // block_n)
+    out_tiles = -(-m // block_m) * -(-cout // block_n)
     steps = kh * kw * -(-cin // block_k)
     splits = 1
-    while splits < 32 and tiles * splits * 2 <= TARGET_PROGRAMS and steps >= 4 * splits:
+    while splits < 32 and out_tiles * splits * 2 <= TARGET_PROGRAMS and steps >= 4 * splits:
         splits *= 2
+    per_split = -(-steps // splits)
+    splits = -(-steps // per_split)  # e.g. 72 steps in 16 splits of 5: 15 splits, none empty
     return Tiles(block_m, block_n, block_k, splits, warps=4, stages=4 if m <= 128 else 3)
 
 
-def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int] = (0, 0),
+def pads_for_cudnn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether conv2d zero-pads the channels to multiples of 8 before cuDNN (inference under torch.compile,
+    fp16/bf16 channels-last, C_in >= 16, C_in or C_out not a multiple of 8). cuDNN's tensor-core kernels
+    want multiples of 8; otherwise it pads x, the weights and the output itself, launch by launch (memsets
+    and `nhwcAddPaddingKernel`s). Padded by us, inductor writes the zero channels in the kernel that makes x.
+    H200, batch 1 / 8, fp16, compiled, CUDA graphs (bench/results/h200-2026-12-01-s12/conv_variants.json):
+    the keypoint heads 35 -> 75 7x7 on 64x64 29.4 -> 22.9 / 83.3 -> 66.7 us, the mask heads 128 -> 17
+    35.6 -> 26.8 / 80.0 -> 67.9 us. 3-channel images stay as they are: cuDNN has a direct kernel for them,
+    and 3 -> 8 channels made the 3 -> 64 convolution no faster (8.4 against 9.3 us, 14.0 against 13.1)."""
+    if not torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return False
+    if x.dtype not in (torch.float16, torch.bfloat16) or not tu.is_channels_last(x):
+        return False
+    return x.shape[1] >= 16 and bool(x.shape[1] % 8 or weight.shape[0] % 8)
+
+
+def conv2d_channel_padded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          padding: tuple[int, int]) -> torch.Tensor:
+    """F.conv2d with C_in and C_out zero-padded to multiples of 8, the extra output channels dropped (a view).
+    The same sums: the zero input channels meet zero weights."""
+    cin, cout = x.shape[1], weight.shape[0]
+    pad_in, pad_out = -cin % 8, -cout % 8
+    x = F.pad(x, (0, 0, 0, 0, 0, pad_in))
+    weight = F.pad(weight, (0, 0, 0, 0, 0, pad_in, 0, pad_out))
+    bias = F.pad(bias, (0, pad_out)) if bias is not None else None
+    return F.conv2d(x, weight, bias, padding=padding)[:, :cout]
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding=(0, 0),
            impl: str = "auto", tiles: Tiles | None = None) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=padding) (stride 1), through the split-K kernel where `plan` finds
-    it faster than cuDNN, under torch.compile. Eagerly "auto" stays on cuDNN: there the partials' sum is a
-    launch of its own, and at the planned shapes kernel + sum saved 12 us a frame in all (slower than cuDNN at
-    four of them; bench/results/h200-2026-12-01-s11/conv2d_plan.json, `eager_us`, measured before the sum's
-    loop over the splits was unrolled), where inside the compiled frame the sum mostly joins the kernel
-    after it. impl="triton" always takes the kernel (with `tiles`, or
-    a default where `plan` has none); OSTNET_IMPL=triton in the environment does not: it forces the other
-    kernels, and this one computes the same convolution as cuDNN, chosen for speed."""
+    """F.conv2d(x, weight, bias, padding=padding) (stride 1), under torch.compile through the split-K kernel
+    where `plan` finds it faster than cuDNN, else cuDNN, with the channels padded where `pads_for_cudnn`
+    says. Eagerly "auto" is cuDNN as given: there the partials' sum is a launch of its own, and at the
+    planned shapes kernel + sum saved 71 us a frame at batch 1 but was slower than cuDNN at five of them
+    (bench/results/h200-2026-12-01-s11/conv2d_plan.json, `eager_us`, measured before the sum's loop over
+    the splits was unrolled), where inside the compiled frame the sum mostly joins the kernel after it.
+    impl="triton" always takes the kernel (with `tiles`, or a default where `plan` has none); OSTNET_IMPL=triton
+    in the environment does not: it forces the other kernels, and this one computes the same convolution as
+    cuDNN, chosen for speed."""
     if x.dim() != 4 or weight.dim() != 4 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"conv2d: x (B, C_in, H, W) and weight (C_out, C_in, kh, kw) must agree, got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    padding = _pair(padding)
     if use_triton("conv2d", impl, x, weight, bias):
         if tiles is None and (impl == "triton" or torch.compiler.is_compiling()):
             tiles = plan(x, weight, padding)
             if tiles is None and impl == "triton":
                 tiles = DEFAULT_TILES
         if tiles is not None:
-            tu.check_launch("conv2d", 1, max(x.numel(), x.shape[0] * weight.shape[0] * x.shape[2] * x.shape[3]))
-            padding = (int(padding[0]), int(padding[1]))
+            if x.dtype != weight.dtype:  # plan declines these; only a forced kernel gets here
+                raise ValueError(f"conv2d: x is {x.dtype} and weight {weight.dtype}; the kernel wants one dtype")
+            ho, wo = out_size(x, weight, padding)
+            if ho <= 0 or wo <= 0:
+                raise ValueError(f"conv2d: a {tuple(weight.shape[2:])} kernel with padding {padding} leaves no "
+                                 f"output on a {tuple(x.shape[2:])} map")
+            # int32 offsets: x's, and the (splits, M, C_out) partials' (one sample reported: the grid's rows
+            # are pixels, not samples)
+            tu.check_launch("conv2d", 1, max(x.numel(), tiles.splits * x.shape[0] * ho * wo * weight.shape[0]))
             if not torch.compiler.is_compiling():
                 return Conv2dFn.apply(x, weight, bias, padding, tiles)
             part = _conv2d_partials_op(x, weight, bias if tiles.splits == 1 else None, list(padding), list(tiles))
             return _finish_traced(part, x, bias, tiles.splits)
+        if pads_for_cudnn(x, weight):
+            return conv2d_channel_padded(x, weight, bias, padding)
     return conv2d_reference(x, weight, bias, padding)
+
+
+def blur_downsample(x: torch.Tensor, weight: torch.Tensor, factor: torch.Tensor, step: int,
+                    impl: str = "auto") -> torch.Tensor:
+    """FOMM's anti-alias downscaling: the depthwise Gaussian blur `weight` (C, 1, k, k), k odd, at stride
+    `step` with k // 2 zero padding. `factor` (k,) is its 1-D profile, weight[c, 0] = outer(factor, factor).
+
+    Under torch.compile on the fused path (CUDA, "auto"), the same sums as two 1-D passes, each an unfold and
+    a sum that inductor compiles into one small kernel: cuDNN's grouped kernels take ~19 us on a 3x256x256
+    image at batch 1 and 8 alike (3 launches, one per channel), the two passes 7.2 / 10.9 us (H200, fp16,
+    CUDA graphs; bench/results/h200-2026-12-01-s12/conv_variants.json). The products are summed in fp32 (fp64 for fp64);
+    the output has the dtype F.conv2d would give (autocast's, where on). Eagerly and when exporting: F.conv2d."""
+    if use_triton("conv2d", impl, x) and torch.compiler.is_compiling():
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        out = blur_two_passes(x, factor, step).to(dtype)
+        # in x's layout, as cuDNN's output: the keypoint hourglass concatenates this image with its decoder's
+        # output, and an NCHW part would make the 7x7 heads' input NCHW (no channel padding for them)
+        return out.contiguous(memory_format=torch.channels_last) if tu.is_channels_last(x) else out
+    return F.conv2d(x, weight.to(x.dtype), groups=x.shape[1], stride=step, padding=weight.shape[-1] // 2)
+
+
+def blur_two_passes(x: torch.Tensor, factor: torch.Tensor, step: int) -> torch.Tensor:
+    """blur_downsample's compiled form, in fp32 (fp64 for fp64 x)."""
+    k = factor.numel()
+    pad = k // 2
+    acc = torch.promote_types(x.dtype, torch.float32)
+    f = factor.to(acc)
+    xp = F.pad(x, (pad, pad, pad, pad))
+    rows = (xp.unfold(2, k, step).to(acc) * f).sum(-1)  # (B, C, H_out, W + 2 pad): blurred down the columns
+    return (rows.unfold(3, k, step) * f).sum(-1)  # then along the rows
+
+
+def _pair(padding) -> tuple[int, int]:
+    if isinstance(padding, int):
+        return padding, padding
+    if isinstance(padding, str) or len(padding) != 2:
+        raise ValueError(f"conv2d: padding must be an int or (ph, pw), got {padding!r}")
+    return int(padding[0]), int(padding[1])
 
 
 def from_block(impl: str) -> str:

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..kernels import conv2d, zconv_block
 from ..kernels._dispatch import use_triton
-from ..kernels.conv2d import conv2d_module
+from ..kernels.conv2d import blur_downsample, conv2d_module, from_block
 
 
 def _epilogue_fits(conv: nn.Conv2d) -> bool:
@@ -170,14 +170,16 @@ class AntiAliasInterpolation2d(nn.Module):
         kernel = g[:, None] * g[None, :]
         kernel = kernel / kernel.sum()
         self.register_buffer("weight", kernel.view(1, 1, kernel_size, kernel_size).repeat(channels, 1, 1, 1))
-        self.groups = channels
+        # The kernel's 1-D profile, kernel = outer(factor, factor) (its row sums), for blur_downsample.
+        self.register_buffer("factor", kernel.sum(1), persistent=False)
         self.scale = scale
         self.step = int(round(1 / scale))
 
-    def forward(self, x):
+    def forward(self, x, impl: str = "auto"):
         if self.scale == 1.0:
             return x
         # Strided: the same values as FOMM's full-resolution blur followed by out[:, :, ::step, ::step],
-        # step**2 times less work. The kernel is odd (ka == kb): the conv's own zero padding, no padded
-        # copy as FOMM's F.pad (H200, fp16 channels-last, batch 1 / 8: 18.7 / 19.2 us against 23.5 / 26.8).
-        return F.conv2d(x, self.weight.to(x.dtype), groups=self.groups, stride=self.step, padding=self.ka)
+        # step**2 times less work. The kernel is odd: the conv's own zero padding, no padded copy as FOMM's
+        # F.pad (H200, fp16 channels-last, batch 1 / 8: 18.7 / 19.2 us against 23.5 / 26.8). Compiled on the
+        # fused path, two 1-D passes instead (kernels.conv2d.blur_downsample).
+        return blur_downsample(x, self.weight, self.factor, self.step, impl=from_block(impl))

@@ -33,7 +33,7 @@ class KPDetector(nn.Module):
     def forward(self, x: torch.Tensor, impl: str = "auto") -> dict[str, torch.Tensor]:
         """x (B, C, H, W) in [0, 1] -> {'value': (B, K, 2), 'jacobian': (B, K, 2, 2)}."""
         if self.scale_factor != 1:
-            x = self.down(x)
+            x = self.down(x, impl=impl)
         feature_map = self.predictor(x, impl=impl)  # (B, F, h, w)
         jmap = None
         if self.jacobian is not None:  # both 7x7 heads as one convolution on the fused path

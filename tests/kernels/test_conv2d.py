@@ -89,7 +89,8 @@ def test_tiles_layouts_and_no_bias(tiles, channels_last, with_bias, poisoned):
 
 @triton_run
 def test_float32_is_exact_products_not_tf32(poisoned):
-    """fp32 dot products in full precision (Triton's default would be TF32, ~1e-3 relative)."""
+    """fp32 dot products in full precision (Triton's default would be TF32, ~1e-3 relative). Only a GPU run
+    can fail this: the interpreter's dot is numpy's, exact either way; on CPU it checks the fp32 plumbing."""
     geometry = (1, 40, 6, 7, 24, (3, 3), (1, 1))
     x, weight, bias = _inputs(geometry, torch.float32)
     out = kc.conv2d(x, weight, bias, (1, 1), impl="triton", tiles=SMALL._replace(splits=2))
@@ -144,6 +145,116 @@ def test_custom_op_opcheck_and_compiled(splits):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
 
+@triton_run
+def test_compiled_half_precision_backward():
+    """Compiled with split partials (fp32) in fp16: the backward hands cuDNN an fp16 gradient, and the
+    gradients match F.conv2d's within fp16 rounding."""
+    x, weight, bias = _inputs((1, 16, 4, 5, 8, (3, 3), (1, 1)), torch.float16)
+    fn = lambda a, b, c: kc.conv2d(a, b, c, (1, 1), impl="triton", tiles=SMALL._replace(splits=2))
+    grads = []
+    torch._dynamo.reset()
+    for f in (torch.compile(fn, backend="aot_eager", fullgraph=True), lambda a, b, c: F.conv2d(a, b, c, padding=1)):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+        out = f(*leaves)
+        assert out.dtype == torch.float16
+        out.float().square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    torch._dynamo.reset()
+    for got, want in zip(*grads):
+        assert got.dtype == torch.float16
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("cin, cout, with_bias", [(35, 75, True), (40, 17, True), (19, 9, False)])
+def test_channel_padded_is_the_same_convolution(cin, cout, with_bias):
+    """conv2d_channel_padded: zero channels in, dropped channels out, the same sums (fp64, exact)."""
+    x, w, b = _inputs((2, cin, 9, 7, cout, (7, 7), (3, 3)))
+    b = b if with_bias else None
+    out = kc.conv2d_channel_padded(x, w, b, (3, 3))
+    assert out.shape == (2, cout, 9, 7)
+    torch.testing.assert_close(out, F.conv2d(x, w, b, padding=3), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["35 -> 75", "128 -> 17", "3 channels", "multiples of 8", "eager", "fp32",
+                                  "NCHW", "training"])
+def test_pads_for_cudnn(case, monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: case != "eager")
+    args = dict(b=1, cin=35, size=8, cout=75, k=7)
+    if case == "128 -> 17":
+        args.update(cin=128, cout=17)
+    if case == "3 channels":
+        args.update(cin=3, cout=64, k=3)
+    if case == "multiples of 8":
+        args.update(cin=32, cout=80)
+    if case == "fp32":
+        args["dtype"] = torch.float32
+    if case == "NCHW":
+        args["channels_last"] = False
+    x, w = _meta(**args)
+    if case == "training":
+        w.requires_grad_()
+        assert not kc.pads_for_cudnn(x, w)
+        return
+    with torch.no_grad():
+        assert kc.pads_for_cudnn(x, w) == (case in ("35 -> 75", "128 -> 17"))
+
+
+def test_compiled_auto_pads_odd_channels_for_cudnn(monkeypatch):
+    """Under torch.compile, where plan declines, "auto" pads 35 -> 40 input and 75 -> 80 output channels
+    (bf16 channels-last, as the keypoint heads), with the same result as the unpadded convolution."""
+    monkeypatch.setattr(kc, "use_triton", lambda *a: True)  # as on CUDA
+    padded = []
+    real = kc.conv2d_channel_padded
+    monkeypatch.setattr(kc, "conv2d_channel_padded", lambda *a: padded.append(1) or real(*a))
+    x, w, b = _inputs((1, 35, 6, 5, 75, (7, 7), (3, 3)), torch.bfloat16)
+    with torch.no_grad():
+        eager = kc.conv2d(x, w, b, (3, 3))
+        assert not padded
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda x, w, b: kc.conv2d(x, w, b, (3, 3)), backend="aot_eager", fullgraph=True)
+        out = compiled(x, w, b)
+        torch._dynamo.reset()
+    assert padded and out.shape == eager.shape
+    torch.testing.assert_close(out.float(), eager.float(), rtol=2e-2, atol=2e-2 * eager.abs().max().item())
+
+
+@triton_run
+@pytest.mark.parametrize("scale, size", [(0.25, (37, 53)), (0.5, (9, 12))])
+def test_blur_downsample_separable_matches_the_conv(scale, size):
+    """The compiled fused path's two 1-D passes against the strided depthwise conv (float64, odd sizes,
+    batch 2, 3 channels), gradient to the image included; and the module's 1-D profile is its kernel's."""
+    from ostnet_fast.model.blocks import AntiAliasInterpolation2d
+    down = AntiAliasInterpolation2d(3, scale).double()
+    torch.testing.assert_close(torch.outer(down.factor, down.factor), down.weight[0, 0], rtol=1e-6, atol=1e-9)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, *size, generator=g, dtype=torch.float64).to(DEV)
+    down = down.to(DEV)
+    # the reference: the same factor's kernel, so that only the two formulations differ
+    kernel = torch.outer(down.factor, down.factor).expand(3, 1, -1, -1)
+    ref_x = x.clone().requires_grad_()
+    ref = F.conv2d(ref_x, kernel, groups=3, stride=down.step, padding=down.ka)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda t: kc.blur_downsample(t, kernel, down.factor, down.step, impl="triton"),
+                       backend="aot_eager", fullgraph=True)
+    sep_x = x.clone().requires_grad_()
+    out = fn(sep_x)
+    torch._dynamo.reset()
+    assert out.shape == ref.shape and out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    weights = torch.rand(ref.shape, generator=g, dtype=torch.float64).to(DEV)
+    (ref * weights).sum().backward()
+    (out * weights).sum().backward()
+    torch.testing.assert_close(sep_x.grad, ref_x.grad, rtol=1e-12, atol=1e-12)
+    # a channels-last image gives a channels-last output, as cuDNN's
+    cl_out = fn(x.contiguous(memory_format=torch.channels_last))
+    torch._dynamo.reset()
+    assert tu.is_channels_last(cl_out)
+    torch.testing.assert_close(cl_out, ref.detach(), rtol=1e-12, atol=1e-12)
+    # eagerly, and with "reference", it is the conv itself
+    torch.testing.assert_close(kc.blur_downsample(x, kernel, down.factor, down.step, impl="reference"), ref.detach(),
+                               rtol=0, atol=0)
+
+
 def _meta(b, cin, size, cout, k, dtype=torch.float16, channels_last=True):
     x = torch.empty(b, cin, size, size, device="meta", dtype=dtype)
     w = torch.empty(cout, cin, k, k, device="meta", dtype=dtype)
@@ -155,7 +266,7 @@ def _meta(b, cin, size, cout, k, dtype=torch.float16, channels_last=True):
 @pytest.mark.parametrize("b, cin, size, cout, k, pad, want", [
     (1, 1024, 4, 1024, 3, 1, kc.Tiles(16, 64, 64, 16, 4, 4)),  # the hourglass bottleneck: 16 tiles x 16 splits
     (1, 2048, 8, 512, 3, 1, kc.Tiles(64, 128, 64, 32, 4, 4)),  # 4 tiles, up to 32 splits
-    (1, 64, 32, 128, 3, 1, kc.Tiles(64, 128, 64, 4, 4, 3)),  # 9 K steps: at most 4 splits of >= 2 steps
+    (1, 64, 32, 128, 3, 1, kc.Tiles(64, 128, 64, 3, 4, 3)),  # 9 K steps: 4 splits of 3 would leave one empty
     (1, 128, 64, 17, 7, 3, kc.Tiles(64, 64, 64, 4, 4, 3)),  # the 7x7 mask head: 4096 x 17 outputs
     (8, 1024, 4, 1024, 3, 1, kc.Tiles(64, 128, 64, 16, 4, 4)),
 ])
@@ -168,6 +279,8 @@ def test_plan_takes_the_small_maps(b, cin, size, cout, k, pad, want):
     programs = -(-m // got.block_m) * -(-cout // got.block_n) * got.splits
     steps = k * k * -(-cin // got.block_k)
     assert programs <= kc.TARGET_PROGRAMS and (got.splits == 1 or steps >= 2 * got.splits)
+    per_split = -(-steps // got.splits)
+    assert (got.splits - 1) * per_split < steps  # the last split has steps too: none writes only zeros
 
 
 @pytest.mark.parametrize("case", ["big map", "512 channels on 32x32", "35 channels", "fp32", "NCHW",
@@ -208,6 +321,22 @@ def test_validation():
         kc.conv2d(x, torch.randn(3, 5, 3, 3), None, (1, 1))
     with pytest.raises(ValueError, match="must agree"):
         kc.conv2d(x[0], torch.randn(3, 4, 3, 3), None, (1, 1))
+    with pytest.raises(ValueError, match="padding"):
+        kc.conv2d(x, torch.randn(3, 4, 3, 3), None, "same")
+    # an int padding is (p, p), as F.conv2d's
+    torch.testing.assert_close(kc.conv2d(x, torch.ones(3, 4, 3, 3), None, 1),
+                               F.conv2d(x, torch.ones(3, 4, 3, 3), padding=1), rtol=0, atol=0)
+
+
+@triton_run
+def test_forced_kernel_validation():
+    x, w, b = _inputs(GEOMETRIES[0])
+    with pytest.raises(ValueError, match="one dtype"):
+        kc.conv2d(x, w.float(), b, (1, 1), impl="triton", tiles=SMALL)
+    with pytest.raises(ValueError, match="no output"):
+        kc.conv2d(x[:, :, :2, :2], w, b, (0, 0), impl="triton", tiles=SMALL)  # 3x3 on 2x2, unpadded
+    with pytest.raises(ValueError, match="partials' sum"):
+        kc.conv2d_partials(x, w, b, (1, 1), SMALL._replace(splits=2))
 
 
 def test_off_cuda_auto_is_the_reference():
@@ -231,7 +360,7 @@ def test_forcing_a_block_does_not_force_conv2d(monkeypatch):
     x, w, b = (t.float() for t in _inputs(GEOMETRIES[0]))
     calls = []
     monkeypatch.setattr(kc, "conv2d_partials", lambda *a: calls.append(a))
-    out = kc.conv2d(x, w, b, (1, 1))  # fp32: no plan, so cuDNN (here the CPU conv) even with the env forcing
+    out = kc.conv2d(x, w, b, (1, 1))  # "auto" from a block: cuDNN (here the CPU conv) despite the env
     assert not calls and torch.equal(out, F.conv2d(x, w, b, padding=1))
 
 
@@ -258,10 +387,10 @@ def test_auto_takes_the_kernel_only_under_compile(monkeypatch):
     (1, 1024, 4, 1024, 3, 1), (1, 2048, 8, 512, 3, 1), (1, 512, 32, 128, 3, 1), (8, 512, 4, 1024, 3, 1),
     (1, 128, 64, 17, 7, 3), (1, 256, 16, 512, 3, 1)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_planned_kernel_matches_cudnn(b, cin, size, cout, k, pad, dtype):
+def test_gpu_planned_kernel_matches_cudnn(b, cin, size, cout, k, pad, dtype, monkeypatch):
     """At the frame's shapes, with the tiles plan picks: against cuDNN in fp32 (TF32 off), within the
     half-precision rounding of inputs and output. Also: plan does take these shapes."""
-    torch.backends.cudnn.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(b, cin, size, size, device="cuda", generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
     w = (torch.randn(cout, cin, k, k, device="cuda", generator=g) / (cin * k * k) ** 0.5).to(dtype)
@@ -275,3 +404,41 @@ def test_gpu_planned_kernel_matches_cudnn(b, cin, size, cout, k, pad, dtype):
     eps = 2 ** -10 if dtype == torch.float16 else 2 ** -7
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
     assert (out.float() - ref).abs().max().item() <= 4 * eps * ref.abs().max().item()
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_auto_paths_match_cudnn(monkeypatch):
+    """Inductor-compiled "auto" (as the compiled frame runs it), fp16 channels-last, batch 1: the keypoint
+    heads' 35 -> 75 7x7 with padded channels, the mask heads' 128 -> 17 7x7 through the split-K kernel, and
+    the 3x256x256 anti-alias blur as two 1-D passes, each against cuDNN in fp32 (TF32 off), and each taking
+    the path named (counted while tracing)."""
+    from ostnet_fast.model.blocks import AntiAliasInterpolation2d
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    taken = []
+    for name in ("conv2d_channel_padded", "_conv2d_partials_op", "blur_two_passes"):
+        real = getattr(kc, name)
+        monkeypatch.setattr(kc, name, lambda *a, _r=real, _n=name: taken.append(_n) or _r(*a))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cl = lambda t: t.contiguous(memory_format=torch.channels_last)
+    eps = 2 ** -10
+    for cin, cout, want in ((35, 75, "conv2d_channel_padded"), (128, 17, "_conv2d_partials_op")):
+        x = cl(torch.randn(1, cin, 64, 64, device="cuda", generator=g).half())
+        w = cl((torch.randn(cout, cin, 7, 7, device="cuda", generator=g) / (cin * 49) ** 0.5).half())
+        b = torch.randn(cout, device="cuda", generator=g).half()
+        taken.clear()
+        torch._dynamo.reset()
+        with torch.inference_mode():
+            out = torch.compile(lambda x, w, b: kc.conv2d(x, w, b, (3, 3)))(x, w, b)
+            ref = F.conv2d(x.float(), w.float(), b.float(), padding=3)
+        assert taken == [want] and out.shape == ref.shape
+        assert (out.float() - ref).abs().max().item() <= 4 * eps * ref.abs().max().item()
+    down = AntiAliasInterpolation2d(3, 0.25).cuda()
+    x = cl(torch.rand(1, 3, 256, 256, device="cuda", generator=g).half())
+    taken.clear()
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        out = torch.compile(lambda t: down(t))(x)
+        ref = F.conv2d(x.float(), down.weight, groups=3, stride=4, padding=6)
+    torch._dynamo.reset()
+    assert taken == ["blur_two_passes"] and out.dtype == torch.float16 and out.shape == ref.shape
+    assert (out.float() - ref).abs().max().item() <= 2 * eps * ref.abs().max().item()
