@@ -197,12 +197,17 @@ if HAS_TRITON:
     def sample_bwd_channels(in_ptr, gout_ptr, gin_ptr, C, s_c, g_c, g_p, offs_p, mask_p,
                             off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1,
                             ACC: tl.constexpr, BLOCK_C: tl.constexpr,
-                            NEED_INPUT_GRAD: tl.constexpr, NEED_GRID_GRAD: tl.constexpr):
+                            NEED_INPUT_GRAD: tl.constexpr, NEED_GRID_GRAD: tl.constexpr,
+                            GIN_PIXEL_STRIDE: tl.constexpr):
         """Backward of sample_fwd_channels for one tile of output pixels, looping over channels.
 
         With g = dL/dout[p, c] and out = wy0 (wx0 v00 + wx1 v01) + wy1 (wx0 v10 + wx1 v11):
           dL/din[tap, c] += g * w_tap                       (scatter: fp32/fp64 atomics into gin_ptr,
-                                                             which has the input's strides)
+                                                             which has the input's strides; or, with
+                                                             GIN_PIXEL_STRIDE > 0 and an NCHW-dense
+                                                             input, whose tap offsets are then pixel
+                                                             indices, a channels-last scratch with that
+                                                             pixel stride, a multiple of BLOCK_C)
           dL/dix[p] = sum_c g * (wy0 (v01 - v00) + wy1 (v11 - v10))   (d wx1/dix = 1, d wx0/dix = -1)
           dL/diy[p] = sum_c g * (wx0 (v10 - v00) + wx1 (v11 - v01))
         Invalid taps read v = 0, as PyTorch's zeros padding. Returns (dL/dix, dL/diy) in pixel units;
@@ -227,14 +232,32 @@ if HAS_TRITON:
                 dix += tl.sum(g * (wy0[:, None] * (v01 - v00) + wy1[:, None] * (v11 - v10)), axis=1)
                 diy += tl.sum(g * (wx0[:, None] * (v10 - v00) + wx1[:, None] * (v11 - v01)), axis=1)
             if NEED_INPUT_GRAD:
-                tl.atomic_add(gin_ptr + off00[:, None] + cin, g * (wy0 * wx0)[:, None], mask=m00[:, None] & mc,
-                              sem="relaxed")
-                tl.atomic_add(gin_ptr + off01[:, None] + cin, g * (wy0 * wx1)[:, None], mask=m01[:, None] & mc,
-                              sem="relaxed")
-                tl.atomic_add(gin_ptr + off10[:, None] + cin, g * (wy1 * wx0)[:, None], mask=m10[:, None] & mc,
-                              sem="relaxed")
-                tl.atomic_add(gin_ptr + off11[:, None] + cin, g * (wy1 * wx1)[:, None], mask=m11[:, None] & mc,
-                              sem="relaxed")
+                if GIN_PIXEL_STRIDE > 0:
+                    # Consecutive channels of a tap are neighbours in the scratch, and every channel up to
+                    # its padded width exists there (g is 0 past C): no channel mask, so the atomics of
+                    # a thread's channels can go out as one vector (sm_90) and a warp's share sectors.
+                    gc = offs_c[None, :]
+                    s00 = off00[:, None] * GIN_PIXEL_STRIDE + gc
+                    s01 = off01[:, None] * GIN_PIXEL_STRIDE + gc
+                    s10 = off10[:, None] * GIN_PIXEL_STRIDE + gc
+                    s11 = off11[:, None] * GIN_PIXEL_STRIDE + gc
+                    k00 = m00[:, None]
+                    k01 = m01[:, None]
+                    k10 = m10[:, None]
+                    k11 = m11[:, None]
+                else:
+                    s00 = off00[:, None] + cin
+                    s01 = off01[:, None] + cin
+                    s10 = off10[:, None] + cin
+                    s11 = off11[:, None] + cin
+                    k00 = m00[:, None] & mc
+                    k01 = m01[:, None] & mc
+                    k10 = m10[:, None] & mc
+                    k11 = m11[:, None] & mc
+                tl.atomic_add(gin_ptr + s00, g * (wy0 * wx0)[:, None], mask=k00, sem="relaxed")
+                tl.atomic_add(gin_ptr + s01, g * (wy0 * wx1)[:, None], mask=k01, sem="relaxed")
+                tl.atomic_add(gin_ptr + s10, g * (wy1 * wx0)[:, None], mask=k10, sem="relaxed")
+                tl.atomic_add(gin_ptr + s11, g * (wy1 * wx1)[:, None], mask=k11, sem="relaxed")
         return dix, diy
 
     _FAST_LOG: tl.constexpr = tl.constexpr(FAST_LOG)

@@ -129,7 +129,7 @@ if tu.HAS_TRITON:
                 dix, diy = tu.sample_bwd_channels(
                     img_ptr + b * s_b, gout_ptr + b * g_b, gin_ptr + b * s_b, C, s_c, g_c, g_p, offs_p, mask_p,
                     off00, off01, off10, off11, m00, m01, m10, m11, wx1, wy1, ACC=ACC, BLOCK_C=BLOCK_C,
-                    NEED_INPUT_GRAD=NEED_INPUT_GRAD, NEED_GRID_GRAD=NEED_GRID_GRAD)
+                    NEED_INPUT_GRAD=NEED_INPUT_GRAD, NEED_GRID_GRAD=NEED_GRID_GRAD, GIN_PIXEL_STRIDE=0)
                 if NEED_GRID_GRAD:
                     ggx = tl.where(mask_p, dix * (0.5 * (W_in - 1)), 0.0)
                     ggy = tl.where(mask_p, diy * (0.5 * (H_in - 1)), 0.0)

@@ -91,7 +91,10 @@ def test_grid_far_outside_reads_zeros():
 
 
 @triton_run
-@pytest.mark.parametrize("in_shape,out_hw", SHAPES[1:4])
+@pytest.mark.parametrize("in_shape,out_hw", SHAPES[1:4] + [
+    ((2, 17, 5, 6), (4, 7)),  # NCHW from CHANNELS_LAST_BWD_FROM channels: the backward on channels-last copies
+    ((1, 16, 3, 4), (5, 2)),
+])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_backward_matches_reference_float64(in_shape, out_hw, channels_last, poisoned):
     torch.manual_seed(1)
@@ -106,6 +109,24 @@ def test_backward_matches_reference_float64(in_shape, out_hw, channels_last, poi
     torch.testing.assert_close(gx, ref_gx, atol=TOL[torch.float64], rtol=0)
     torch.testing.assert_close(gg, ref_gg, atol=1e-9, rtol=1e-10)
     assert gx.dtype == x.dtype and gg.dtype == grid.dtype
+    assert gx.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@triton_run
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("channels", [5, 17])
+def test_backward_reads_the_upstream_grad_in_its_own_layout(channels_last, channels, poisoned):
+    """The upstream grad in the other memory format than the input's (autograd may hand either)."""
+    x, grid = _inputs((2, channels, 6, 7), (5, 4), torch.float64, channels_last, seed=3)
+    x.requires_grad_(True)
+    grid.requires_grad_(True)
+    out = gs.grid_sample(x, grid, impl="triton")
+    upstream = torch.randn(out.shape, dtype=torch.float64, device=out.device)
+    upstream = upstream.contiguous() if channels_last else upstream.contiguous(memory_format=torch.channels_last)
+    gx, gg = torch.autograd.grad(out, (x, grid), upstream)
+    _, ref_gx, ref_gg = _ref_grads(x, grid, upstream)
+    torch.testing.assert_close(gx, ref_gx, atol=TOL[torch.float64], rtol=0)
+    torch.testing.assert_close(gg, ref_gg, atol=1e-9, rtol=1e-10)
 
 
 @triton_run
