@@ -4,9 +4,10 @@ For each convolution of one OSTNet frame with maps up to 64x64 (batch 1 and 8, f
 bias), times cuDNN (F.conv2d) and the kernel over a sweep of tile shapes and split counts, and reports the
 best. GPU time of CUDA-graph replays; every replay cycles through `--copies` weight tensors (more bytes than
 the L2 cache holds), since in a frame each convolution's weights come from HBM, not from the previous call.
-`kernel` is the kernel alone (with splits > 1 it leaves fp32 partials, whose sum inductor fuses into the
-batch norm that follows); `eager` is `conv2d()` as called outside torch.compile (kernel + sum + bias + cast).
-`plan` is what the model would take for that shape (conv2d.plan), timed the same way (as `eager`).
+`kernel` is the kernel alone (with splits > 1 it leaves fp32 partials, whose sum inductor can fuse into the
+batch norm that follows); `eager` is the kernel as it runs outside torch.compile when forced (impl="triton"):
+kernel + a separate sum launch (+ bias, cast); "auto" takes cuDNN there. `plan` is what the compiled model
+would take for that shape (conv2d.plan), timed the same way as `eager`.
 
     python bench/bench_conv2d.py [--out DIR] [--batches 1,8] [--quick | --plan-only]
 """

@@ -149,13 +149,20 @@ def cases(quick: bool):
                                modes=("fwd", "fwd+bwd") if training else ("fwd",))
 
 
+OPS = ("dense_motion_front", "dense_motion_combine", "grid_sample", "keypoint_head", "tps_grid", "tps_warp",
+       "zconv_block")  # the `op` names cases() yields
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="folder for kernels.json (default: $OUT or bench/results)")
     ap.add_argument("--quick", action="store_true", help="batch 8 only, fewer iterations")
-    ap.add_argument("--ops", default="", help="comma-separated subset of ops")
+    ap.add_argument("--ops", default="", help=f"comma-separated subset of {', '.join(OPS)}")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph (GPU-time) columns")
     args = ap.parse_args(argv)
+    unknown = set(filter(None, args.ops.split(","))) - set(OPS)
+    if unknown:  # a misspelt name would otherwise measure nothing, silently
+        ap.error(f"--ops: unknown {sorted(unknown)}; known: {', '.join(OPS)}")
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU", file=sys.stderr)
         return 2

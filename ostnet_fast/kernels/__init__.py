@@ -9,5 +9,5 @@ from .tps_grid import tps_grid, tps_grid_matrix, tps_solve
 from .tps_warp import tps_warp
 from .zconv import zconv_block
 
-__all__ = ["conv2d", "dense_motion_combine", "dense_motion_front", "grid_sample", "inverse_2x2", "keypoint_head", "kp2gaussian",
-           "pixel_coordinates", "tps_grid", "tps_grid_matrix", "tps_solve", "tps_warp", "zconv_block"]
+__all__ = ["conv2d", "dense_motion_combine", "dense_motion_front", "grid_sample", "inverse_2x2", "keypoint_head",
+           "kp2gaussian", "pixel_coordinates", "tps_grid", "tps_grid_matrix", "tps_solve", "tps_warp", "zconv_block"]

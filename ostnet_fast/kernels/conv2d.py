@@ -247,6 +247,9 @@ def _partials_backward(ctx, grad):
 _conv2d_partials_op.register_autograd(_partials_backward, setup_context=_partials_setup)
 
 
+# plan's bound on M * C_out, the output's size: above it cuDNN (see plan).
+SMALL_OUTPUT = 2 ** 18
+
 # Output tiles x splits per launch that `plan` aims for: two programs per SM of an H100/H200 (132 SMs).
 TARGET_PROGRAMS = 264
 
@@ -284,7 +287,7 @@ def plan(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> Til
         return None
     ho, wo = out_size(x, weight, padding)
     m = bsz * ho * wo
-    if m * cout > 2 ** 18:
+    if m * cout > SMALL_OUTPUT:
         return None
     block_m = 16 if m <= 16 else 64
     block_n = 64 if (cout <= 64 or block_m == 16) else 128
@@ -364,6 +367,64 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad
         if pads_for_cudnn(x, weight):
             return conv2d_channel_padded(x, weight, bias, padding)
     return conv2d_reference(x, weight, bias, padding)
+
+
+def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """F.conv2d(F.interpolate(x, scale_factor=2), weight, padding=1): nearest 2x upsampling, then a 3x3
+    convolution without bias (the fused z-conv "up" block's).
+
+    Eagerly on the fused path (CUDA, "auto"), where the output exceeds SUBPIXEL_FROM values, as one
+    convolution on the low-resolution map (`subpixel_conv3x3`): 2.25x fewer multiply-adds, and the
+    upsampled input is never written, for ~15 small launches that build its weights. H200, batch 8,
+    eager fused block against the unfused eager one (bench/results/h200-2026-12-01-s12, the same kernel
+    bench before and after, on two machines): up 512 -> 256 on 32x32 1.15 -> 1.22x (fp32) and 1.17 ->
+    1.34x (fp16) at inference, 1.01 -> 1.12x / 0.96 -> 1.03x forward + backward; up 128 -> 64 on 128x128
+    1.46 -> 1.74x / 1.47 -> 2.32x, 1.40 -> 1.49x / 1.56 -> 1.73x. Smaller outputs (every up block of a
+    batch-1 frame) keep the upsampled convolution: the weight launches would cost more than the convolution
+    saves there (not measured), and under torch.compile it is not measured at all."""
+    out_values = x.shape[0] * weight.shape[0] * 4 * x.shape[2] * x.shape[3]
+    if (use_triton("conv2d", impl, x, weight) and not torch.compiler.is_compiling()
+            and weight.shape[-2:] == (3, 3) and out_values > SUBPIXEL_FROM):
+        return subpixel_conv3x3(x, weight)
+    return conv2d(F.interpolate(x, scale_factor=2), weight, None, (1, 1), impl)
+
+
+# upsampled_conv3x3 takes the low-resolution form above this many output values (B * C_out * 2H * 2W): the
+# batch-8 up blocks it was measured at (8.4M and 33.6M values), none of a batch-1 frame (at most 4.2M).
+SUBPIXEL_FROM = 2 ** 22
+
+
+def subpixel_weights(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, 3, 3) -> (4 C_out, C_in, 2, 2), channel 4 o + 2 py + px: the 2x2 kernel output pixel
+    (2 i + py, 2 j + px) of the upsampled convolution applies to low-resolution rows (i - 1, i) for py = 0
+    (rows 0 and 1 + 2 of the 3x3 kernel land there) or (i, i + 1) for py = 1 (rows 0 + 1 and 2); columns
+    likewise."""
+    def pairs(w, dim):  # the two parities along one kernel axis, each 2 taps wide
+        a, b_, c = w.unbind(dim)
+        return torch.stack([a, b_ + c], dim), torch.stack([a + b_, c], dim)
+    kernels = [k for rows in pairs(weight, 2) for k in pairs(rows, 3)]  # (py, px) = 00, 01, 10, 11
+    return torch.stack(kernels, 1).flatten(0, 1)
+
+
+def subpixel_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """upsampled_conv3x3 as one convolution on x itself: the four output parities' 2x2 kernels stacked as
+    4 C_out channels, padding 1, so parity (py, px)'s output (i, j) sits at (i + py, j + px); then the
+    parities are interleaved, in x's memory format. The same sums as the upsampled convolution (the
+    weights of taps that land on the same input pixel are added first)."""
+    b, _, h, w = x.shape
+    cout = weight.shape[0]
+    cl = tu.is_channels_last(x)
+    k = subpixel_weights(weight.to(torch.promote_types(weight.dtype, torch.float32))).to(x.dtype)  # sums in fp32
+    if cl:
+        k = k.contiguous(memory_format=torch.channels_last)
+    q = F.conv2d(x, k, None, padding=1).unflatten(1, (cout, 4))  # (B, C_out, 4, H + 1, W + 1)
+    parts = [q[:, :, 0, :h, :w], q[:, :, 1, :h, 1:], q[:, :, 2, 1:, :w], q[:, :, 3, 1:, 1:]]  # (py, px)
+    if cl:
+        p = [t.permute(0, 2, 3, 1) for t in parts]  # (B, H, W, C_out)
+        out = torch.stack([torch.stack(p[0:2], 3), torch.stack(p[2:4], 3)], 2)  # (B, H, py, W, px, C_out)
+        return out.reshape(b, 2 * h, 2 * w, cout).permute(0, 3, 1, 2)
+    out = torch.stack([torch.stack(parts[0:2], 4), torch.stack(parts[2:4], 4)], 3)  # (B, C_out, H, py, W, px)
+    return out.reshape(b, cout, 2 * h, 2 * w)
 
 
 def blur_downsample(x: torch.Tensor, weight: torch.Tensor, factor: torch.Tensor, step: int,

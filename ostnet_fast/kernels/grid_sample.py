@@ -197,7 +197,8 @@ def _grid_sample_bwd(grad_out: torch.Tensor, input: torch.Tensor, grid: torch.Te
         gin_b=gin.stride(0) if need_input else 0,
         g_b=grad_out.stride(0), g_c=grad_out.stride(1), g_p=tu.pixel_stride(grad_out),
         CHANNELS_LAST=cl, GRAD_CHANNELS_LAST=tu.is_channels_last(grad_out), ACC=tu.acc_dtype(input),
-        BLOCK_P=block_p, BLOCK_C=block_c, NEED_INPUT_GRAD=need_input, NEED_GRID_GRAD=need_grid, GIN_PIXEL_STRIDE=pixel_stride, num_warps=warps)
+        BLOCK_P=block_p, BLOCK_C=block_c, NEED_INPUT_GRAD=need_input, NEED_GRID_GRAD=need_grid,
+        GIN_PIXEL_STRIDE=pixel_stride, num_warps=warps)
     if scratch:
         out = torch.empty_like(input)  # NCHW, the input's dtype: the copy transposes and casts in one pass
         out.copy_(gin[..., :c].permute(0, 3, 1, 2))

@@ -6,7 +6,8 @@ depends only on which zero-padding border an output pixel touches (9 classes for
 convolution stays in cuDNN and one epilogue adds E(b), the BN, the ReLU and the pooling.
 
 Fused path (`impl="triton"`, or "auto" on CUDA):
-  conv_out = F.conv2d(x or upsample(x), W, bias=None, padding=1)     cuDNN, autograd as usual
+  conv_out = F.conv2d(x or upsample(x), W, bias=None, padding=1)     cuDNN, autograd as usual (kernels.conv2d:
+             the split-K kernel for small outputs at inference; large eager up blocks at low resolution)
   E        = (zb outer M) @ W                                           (B, 9, C_out), torch, fp32
   out      = ZConvEpilogueFn(conv_out, E, conv.bias, BN params)          Triton:
     inference: one pass over conv_out: y = conv_out + bias + E[class] -> folded BN -> ReLU -> pool,
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._dispatch import forced, use_triton
-from .conv2d import conv2d, conv2d_module, from_block
+from .conv2d import conv2d, conv2d_module, from_block, upsampled_conv3x3
 
 from ._triton_utils import HAS_TRITON, tl, triton  # one import guard for every kernel
 
@@ -885,10 +886,12 @@ def _log_once(why: str) -> None:
 
 
 def _zconv_block_triton(x, zb, conv: nn.Conv2d, norm: nn.BatchNorm2d, mode: str, impl: str) -> torch.Tensor:
+    # (B, C_out, Hc, Wc), no bias, no zb: cuDNN, or the split-K kernel on small maps at inference; an up
+    # block's on the low-resolution map where its output is large (conv2d.upsampled_conv3x3)
     if mode == "up":
-        x = F.interpolate(x, scale_factor=2)  # (B, C_in, 2H, 2W)
-    # (B, C_out, Hc, Wc), no bias, no zb: cuDNN, or the split-K kernel on small maps at inference
-    conv_out = conv2d(x, conv.weight, None, (1, 1), from_block(impl))
+        conv_out = upsampled_conv3x3(x, conv.weight, from_block(impl))
+    else:
+        conv_out = conv2d(x, conv.weight, None, (1, 1), from_block(impl))
     b, c, hc, wc = conv_out.shape
     if norm.num_features != c:
         raise ValueError(f"zconv_block: norm has {norm.num_features} features, conv gives {c} channels")

@@ -43,7 +43,9 @@ def conv_heads(x: torch.Tensor, convs: tuple[nn.Conv2d, ...], merge: bool = True
     weight = torch.cat([c.weight for c in convs])
     bias = torch.cat([c.bias for c in convs]) if first.bias is not None else None
     if first.stride == (1, 1) and first.dilation == (1, 1) and not isinstance(first.padding, str):
-        out = conv2d(x, weight, bias, first.padding)  # the split-K kernel where faster (the 7x7 mask head)
+        # compiled: the split-K kernel where faster (the 7x7 mask heads), else cuDNN with the keypoint
+        # heads' odd channel counts padded (kernels.conv2d.pads_for_cudnn)
+        out = conv2d(x, weight, bias, first.padding)
     else:
         out = F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation)
     return list(out.split([c.out_channels for c in convs], dim=1))

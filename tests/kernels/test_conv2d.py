@@ -255,6 +255,54 @@ def test_blur_downsample_separable_matches_the_conv(scale, size):
                                rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9, 3), (1, 3, 1, 1, 4), (1, 2, 1, 5, 2), (3, 4, 4, 3, 6)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_subpixel_conv3x3_is_the_upsampled_convolution(shape, channels_last):
+    """conv3x3(nearest 2x upsample(x)) computed on x itself: the same values and gradients (fp64), in x's
+    memory format; odd sizes, one-pixel maps, batch > 1."""
+    b, cin, h, w, cout = shape
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(b, cin, h, w, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(cout, cin, 3, 3, generator=g, dtype=torch.float64)
+    leaves = [x.clone().requires_grad_(), weight.clone().requires_grad_()]
+    ref_leaves = [x.clone().requires_grad_(), weight.clone().requires_grad_()]
+    out = kc.subpixel_conv3x3(*leaves)
+    ref = F.conv2d(F.interpolate(ref_leaves[0], scale_factor=2), ref_leaves[1], padding=1)
+    assert out.shape == ref.shape
+    if tu.is_channels_last(x):
+        assert tu.is_channels_last(out)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    (out * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    for a, b_ in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b_.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_upsampled_conv3x3_dispatch(monkeypatch):
+    """Low resolution only eagerly on the fused path and above SUBPIXEL_FROM; else upsample + conv2d."""
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    w = torch.randn(2, 4, 3, 3, dtype=torch.float64)  # output 16x16 x 2 channels = 512 values
+    calls = []
+    real = kc.subpixel_conv3x3
+    monkeypatch.setattr(kc, "subpixel_conv3x3", lambda *a: calls.append(1) or real(*a))
+    ref = F.conv2d(F.interpolate(x, scale_factor=2), w, padding=1)
+    torch.testing.assert_close(kc.upsampled_conv3x3(x, w), ref, rtol=0, atol=0)  # CPU: no fused path
+    monkeypatch.setattr(kc, "use_triton", lambda op, impl, *t: impl != "reference")  # as on CUDA
+    kc.upsampled_conv3x3(x, w)
+    assert not calls  # 512 <= SUBPIXEL_FROM
+    monkeypatch.setattr(kc, "SUBPIXEL_FROM", 511)
+    torch.testing.assert_close(kc.upsampled_conv3x3(x, w), ref, rtol=1e-12, atol=1e-12)
+    assert calls == [1]
+    kc.upsampled_conv3x3(x, w, impl="reference")
+    assert calls == [1]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    kc.upsampled_conv3x3(x, w)  # not measured compiled: the upsampled convolution
+    assert calls == [1]
+
+
 def _meta(b, cin, size, cout, k, dtype=torch.float16, channels_last=True):
     x = torch.empty(b, cin, size, size, device="meta", dtype=dtype)
     w = torch.empty(cout, cin, k, k, device="meta", dtype=dtype)

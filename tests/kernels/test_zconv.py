@@ -137,6 +137,31 @@ def test_matches_reference_float64(shape, mode, with_zb, training, poisoned):
     _check_against_reference(shape, mode, with_zb, training)
 
 
+@pytest.fixture
+def low_res_up(monkeypatch):
+    """conv2d's dispatch as on CUDA ("auto" takes the fused forms) with every up block's output counted as
+    large, so up blocks convolve at low resolution (conv2d.upsampled_conv3x3); counts those calls."""
+    kc = importlib.import_module("ostnet_fast.kernels.conv2d")
+    monkeypatch.setattr(kc, "use_triton", lambda op, impl, *t: impl != "reference")
+    monkeypatch.setattr(kc, "SUBPIXEL_FROM", 0)
+    calls = []
+    real = kc.subpixel_conv3x3
+    monkeypatch.setattr(kc, "subpixel_conv3x3", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@triton_run
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_zb", [True, False])
+@pytest.mark.parametrize("training, channels_last", [(True, False), (False, True)])
+def test_up_block_at_low_resolution_matches_reference(shape, with_zb, training, channels_last, low_res_up,
+                                                      poisoned):
+    """The fused up block with its convolution on the low-resolution map: output, every gradient and the
+    running statistics as the reference's (which upsamples first), float64."""
+    _check_against_reference(shape, "up", with_zb, training, channels_last=channels_last)
+    assert low_res_up
+
+
 @triton_run
 @pytest.mark.parametrize("mode", ["same", "down", "up"])
 def test_channels_last_input_keeps_its_format(mode, poisoned):
