@@ -335,12 +335,12 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad
     """F.conv2d(x, weight, bias, padding=padding) (stride 1), under torch.compile through the split-K kernel
     where `plan` finds it faster than cuDNN, else cuDNN, with the channels padded where `pads_for_cudnn`
     says. Eagerly "auto" is cuDNN as given: there the partials' sum is a launch of its own, and at the
-    planned shapes kernel + sum saved 71 us a frame at batch 1 but was slower than cuDNN at five of them
-    (bench/results/h200-2026-12-01-s11/conv2d_plan.json, `eager_us`, measured before the sum's loop over
+    planned shapes kernel + sum saved 71 us a frame at batch 1 but was slower than cuDNN at six of them
+    (bench/results/h200-2026-12-01-s11/conv2d_plan.json, `plan_us`, measured before the sum's loop over
     the splits was unrolled), where inside the compiled frame the sum mostly joins the kernel after it.
-    impl="triton" always takes the kernel (with `tiles`, or a default where `plan` has none); OSTNET_IMPL=triton
-    in the environment does not: it forces the other kernels, and this one computes the same convolution as
-    cuDNN, chosen for speed."""
+    impl="triton" always takes the kernel (with `tiles`, or a default where `plan` has none);
+    OSTNET_IMPL=triton in the environment does not: it forces the other kernels, and this one computes the
+    same convolution as cuDNN, chosen for speed."""
     if x.dim() != 4 or weight.dim() != 4 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"conv2d: x (B, C_in, H, W) and weight (C_out, C_in, kh, kw) must agree, got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
