@@ -50,8 +50,9 @@ for stage in "${stages[@]}"; do
               [ -n "${PROFILE_MODES:-}" ] && continue  # only the training modes asked for
               $T python3 bench/profile_model.py --fused --fp16 --graph --channels-last > "$OUT/profile_model.txt" 2>&1 || status=1
               head -n 40 "$OUT/profile_model.txt"
-              # the fastest frame (Reenactor(backend="fused", compile=True)), and the convolutions by shape
-              $T python3 bench/profile_model.py --fused --fp16 --graph --channels-last --compile \
+              # the fastest frame (Reenactor(backend="fused", compile=True)) with its kernels in launch order,
+              # and the convolutions by shape
+              $T python3 bench/profile_model.py --fused --fp16 --graph --channels-last --compile --top 60 --timeline \
                 > "$OUT/profile_model_compile.txt" 2>&1 || status=1
               $T python3 bench/profile_model.py --fused --fp16 --channels-last --shapes \
                 > "$OUT/profile_model_shapes.txt" 2>&1 || status=1
