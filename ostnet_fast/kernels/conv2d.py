@@ -432,13 +432,19 @@ def blur_downsample(x: torch.Tensor, weight: torch.Tensor, factor: torch.Tensor,
     """FOMM's anti-alias downscaling: the depthwise Gaussian blur `weight` (C, 1, k, k), k odd, at stride
     `step` with k // 2 zero padding. `factor` (k,) is its 1-D profile, weight[c, 0] = outer(factor, factor).
 
-    Under torch.compile on the fused path (CUDA, "auto"), the same sums as two 1-D passes, each an unfold and
-    a sum that inductor compiles into one small kernel: cuDNN's grouped kernels take ~19 us on a 3x256x256
-    image at batch 1 and 8 alike (3 launches, one per channel), the two passes 7.2 / 10.9 us (H200, fp16,
-    CUDA graphs; bench/results/h200-2026-12-01-s12/conv_variants.json). The products are summed in fp32 (fp64 for fp64);
-    the output has the dtype F.conv2d would give (autocast's, where on). Eagerly and when exporting: F.conv2d."""
-    if use_triton("conv2d", impl, x) and torch.compiler.is_compiling():
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    Under torch.compile on the fused path (CUDA, "auto") at inference, the same sums as two 1-D passes, each
+    an unfold and a sum that inductor compiles into one small kernel: cuDNN's grouped kernels take ~19 us on
+    a 3x256x256 image at batch 1 and 8 alike (3 launches, one per channel), the two passes 7.2 / 10.9 us
+    (H200, fp16, CUDA graphs; bench/results/h200-2026-12-01-s12/conv_variants.json). The products are
+    summed in fp32 (fp64 for fp64); the output has the dtype F.conv2d would give (autocast's, where on).
+    Eagerly, when exporting and with gradients (the backward of overlapping unfolds is a scatter of float
+    atomics, unmeasured and not deterministic): F.conv2d."""
+    if weight.shape[0] != x.shape[1]:
+        raise ValueError(f"blur_downsample: {weight.shape[0]} filters for {x.shape[1]} channels")
+    training = torch.is_grad_enabled() and x.requires_grad  # measured at inference only; see below
+    if use_triton("conv2d", impl, x) and torch.compiler.is_compiling() and not training:
+        autocast = torch.is_autocast_enabled("cuda") and x.dtype != torch.float64  # autocast leaves fp64 be
+        dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
         out = blur_two_passes(x, factor, step).to(dtype)
         # in x's layout, as cuDNN's output: the keypoint hourglass concatenates this image with its decoder's
         # output, and an NCHW part would make the 7x7 heads' input NCHW (no channel padding for them)

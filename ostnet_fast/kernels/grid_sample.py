@@ -20,8 +20,8 @@ Triton path (what is fused, and the design limits):
   not an option; the result is not bitwise deterministic (fp32 add order).
   Layouts: the buffer has a channels-last input's strides. An NCHW input puts a tap's channels in planes
   H_in * W_in apart, one sector of memory traffic per (tap, channel) for its gathers and its atomics, so
-  the backward reads the upstream grad as it comes and, from CHANNELS_LAST_BWD_FROM channels, runs on a
-  channels-last copy of the input, its grad copied back to NCHW; with fewer channels it scatters into a
+  the backward reads the upstream grad as it comes and, from CHANNELS_LAST_BWD_FROM channels (a multiple of
+  16), runs on a channels-last copy of the input, its grad copied back to NCHW; else it scatters into a
   channels-last scratch padded to whole channel blocks (a tap's channels in one sector) and copies that
   to NCHW with the cast. H200, batch 8, random grids, forward + backward against F.grid_sample, fp32
   (bench/results/h200-2026-12-01-s12/kernels_*.json, same-run ratios): 256x64x64 NCHW 1.41x with the
@@ -152,7 +152,7 @@ def _grid_sample_fwd(input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# From this many channels an NCHW backward runs on channels-last copies (see _grid_sample_bwd).
+# From this many channels (a multiple of 16) an NCHW backward runs on a channels-last copy (_grid_sample_bwd).
 CHANNELS_LAST_BWD_FROM = 16
 
 
@@ -162,14 +162,16 @@ def _grid_sample_bwd(grad_out: torch.Tensor, input: torch.Tensor, grid: torch.Te
     b, c, h_in, w_in = input.shape
     _, h, w, _ = grid.shape
     cl = tu.is_channels_last(input)
-    if not cl and c >= CHANNELS_LAST_BWD_FROM:
+    if not cl and c >= CHANNELS_LAST_BWD_FROM and c % 16 == 0:
         # NCHW with many channels: the backward's gathers and scatters, a few per (pixel, channel), land on
         # C planes far apart; a channels-last copy of the input puts a tap's channels side by side, and two
         # transposing copies (the input in, its grad out) cost less than the scattered traffic they save.
-        # The upstream grad is read as it is (NCHW: along the pixels, coalesced).
-        gin, ggrid = _grid_sample_bwd(grad_out, input.contiguous(memory_format=torch.channels_last), grid,
-                                      need_input, need_grid)
-        return (gin.contiguous() if gin is not None else None), ggrid
+        # The upstream grad is read as it is (NCHW: along the pixels, coalesced). C % 16 == 0: the
+        # channels-last kernel's aligned tiles (tu.sample_blocks), the case measured (256 and 512 channels).
+        copy = input.contiguous(memory_format=torch.channels_last)
+        if tu.is_channels_last(copy):  # not for 1x1 or empty maps, where both layouts are the same
+            gin, ggrid = _grid_sample_bwd(grad_out, copy, grid, need_input, need_grid)
+            return (gin.contiguous() if gin is not None else None), ggrid
     grad_out = tu.dense_4d(grad_out)
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     ggrid = tu.empty_output(grid.shape, device=grid.device, dtype=grid.dtype) if need_grid else None

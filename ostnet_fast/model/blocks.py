@@ -172,10 +172,16 @@ class AntiAliasInterpolation2d(nn.Module):
         kernel = g[:, None] * g[None, :]
         kernel = kernel / kernel.sum()
         self.register_buffer("weight", kernel.view(1, 1, kernel_size, kernel_size).repeat(channels, 1, 1, 1))
-        # The kernel's 1-D profile, kernel = outer(factor, factor) (its row sums), for blur_downsample.
+        # The kernel's 1-D profile, kernel = outer(factor, factor) (its row sums), for blur_downsample;
+        # derived again from `weight` whenever a state dict is loaded.
         self.register_buffer("factor", kernel.sum(1), persistent=False)
         self.scale = scale
         self.step = int(round(1 / scale))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        with torch.no_grad():
+            self.factor.copy_(self.weight[0, 0].sum(1))
 
     def forward(self, x, impl: str = "auto"):
         if self.scale == 1.0:

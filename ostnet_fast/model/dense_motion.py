@@ -31,8 +31,8 @@ class DenseMotionNetwork(nn.Module):
         if scale_factor != 1:
             self.down = AntiAliasInterpolation2d(num_channels, scale_factor)
 
-    def downsample(self, source: torch.Tensor) -> torch.Tensor:
-        return self.down(source) if self.scale_factor != 1 else source
+    def downsample(self, source: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+        return self.down(source, impl=impl) if self.scale_factor != 1 else source
 
     def forward(self, source_small: torch.Tensor, kp_driving: dict, kp_source: dict,
                 impl: str = "auto") -> dict[str, torch.Tensor]:

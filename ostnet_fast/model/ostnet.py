@@ -106,7 +106,7 @@ class OSTNet(nn.Module):
         self.check_image(source, "source")
         kp = self.kp_detector(source, impl=self.impl)
         return SourceState(image=source, kp_value=kp["value"], kp_jacobian=kp.get("jacobian"),
-                           small=self.generator.dense_motion_network.downsample(source),
+                           small=self.generator.dense_motion_network.downsample(source, impl=self.impl),
                            f1=self.generator.encode(source, impl=self.impl))
 
     def animate(self, state: SourceState, driving: torch.Tensor,

@@ -220,39 +220,50 @@ def test_compiled_auto_pads_odd_channels_for_cudnn(monkeypatch):
 
 @triton_run
 @pytest.mark.parametrize("scale, size", [(0.25, (37, 53)), (0.5, (9, 12))])
-def test_blur_downsample_separable_matches_the_conv(scale, size):
+def test_blur_downsample_separable_matches_the_conv(scale, size, monkeypatch):
     """The compiled fused path's two 1-D passes against the strided depthwise conv (float64, odd sizes,
-    batch 2, 3 channels), gradient to the image included; and the module's 1-D profile is its kernel's."""
+    batch 2, 3 channels, both layouts); with gradients, eagerly and with "reference" the conv itself; the
+    module's 1-D profile is its kernel's, also after loading a state dict."""
     from ostnet_fast.model.blocks import AntiAliasInterpolation2d
     down = AntiAliasInterpolation2d(3, scale).double()
     torch.testing.assert_close(torch.outer(down.factor, down.factor), down.weight[0, 0], rtol=1e-6, atol=1e-9)
+    other = torch.linspace(1, 2, down.factor.numel(), dtype=torch.float64)  # a loaded `weight` brings its own
+    other = other / other.sum()
+    down.load_state_dict({"weight": torch.outer(other, other).expand_as(down.weight).clone()})
+    torch.testing.assert_close(down.factor, other, rtol=1e-12, atol=1e-15)
+    down = AntiAliasInterpolation2d(3, scale).double().to(DEV)
     g = torch.Generator().manual_seed(1)
     x = torch.rand(2, 3, *size, generator=g, dtype=torch.float64).to(DEV)
-    down = down.to(DEV)
     # the reference: the same factor's kernel, so that only the two formulations differ
     kernel = torch.outer(down.factor, down.factor).expand(3, 1, -1, -1)
-    ref_x = x.clone().requires_grad_()
-    ref = F.conv2d(ref_x, kernel, groups=3, stride=down.step, padding=down.ka)
+    ref = F.conv2d(x, kernel, groups=3, stride=down.step, padding=down.ka)
+    passes = []
+    real = kc.blur_two_passes
+    monkeypatch.setattr(kc, "blur_two_passes", lambda *a: passes.append(1) or real(*a))
     torch._dynamo.reset()
     fn = torch.compile(lambda t: kc.blur_downsample(t, kernel, down.factor, down.step, impl="triton"),
                        backend="aot_eager", fullgraph=True)
-    sep_x = x.clone().requires_grad_()
-    out = fn(sep_x)
-    torch._dynamo.reset()
-    assert out.shape == ref.shape and out.dtype == torch.float64
+    with torch.no_grad():
+        out = fn(x)
+        cl_out = fn(x.contiguous(memory_format=torch.channels_last))
+    assert len(passes) == 2 and out.shape == ref.shape and out.dtype == torch.float64
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    weights = torch.rand(ref.shape, generator=g, dtype=torch.float64).to(DEV)
-    (ref * weights).sum().backward()
-    (out * weights).sum().backward()
-    torch.testing.assert_close(sep_x.grad, ref_x.grad, rtol=1e-12, atol=1e-12)
-    # a channels-last image gives a channels-last output, as cuDNN's
-    cl_out = fn(x.contiguous(memory_format=torch.channels_last))
+    assert tu.is_channels_last(cl_out)  # a channels-last image gives a channels-last output, as cuDNN's
+    torch.testing.assert_close(cl_out, ref, rtol=1e-12, atol=1e-12)
+    # with gradients: the conv (its backward measured and deterministic)
+    grad_x = x.clone().requires_grad_()
+    out = fn(grad_x)
     torch._dynamo.reset()
-    assert tu.is_channels_last(cl_out)
-    torch.testing.assert_close(cl_out, ref.detach(), rtol=1e-12, atol=1e-12)
-    # eagerly, and with "reference", it is the conv itself
-    torch.testing.assert_close(kc.blur_downsample(x, kernel, down.factor, down.step, impl="reference"), ref.detach(),
+    assert len(passes) == 2
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    # eagerly, and with "reference", the conv itself
+    torch.testing.assert_close(kc.blur_downsample(x, kernel, down.factor, down.step, impl="reference"), ref,
                                rtol=0, atol=0)
+    torch.testing.assert_close(kc.blur_downsample(x, kernel, down.factor, down.step, impl="triton"), ref,
+                               rtol=0, atol=0)
+    assert len(passes) == 2
+    with pytest.raises(ValueError, match="filters"):
+        kc.blur_downsample(x[:, :2], kernel, down.factor, down.step)
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 7, 9, 3), (1, 3, 1, 1, 4), (1, 2, 1, 5, 2), (3, 4, 4, 3, 6)])

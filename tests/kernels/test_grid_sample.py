@@ -92,8 +92,10 @@ def test_grid_far_outside_reads_zeros():
 
 @triton_run
 @pytest.mark.parametrize("in_shape,out_hw", SHAPES[1:4] + [
-    ((2, 17, 5, 6), (4, 7)),  # NCHW from CHANNELS_LAST_BWD_FROM channels: the backward on channels-last copies
+    ((2, 32, 5, 6), (4, 7)),  # NCHW from CHANNELS_LAST_BWD_FROM channels: the backward on a channels-last copy
     ((1, 16, 3, 4), (5, 2)),
+    ((2, 17, 5, 6), (4, 7)),  # not a multiple of 16: the channels-last scratch
+    ((2, 16, 1, 1), (3, 2)),  # a 1x1 map is both layouts at once: no copy (and no endless recursion)
 ])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_backward_matches_reference_float64(in_shape, out_hw, channels_last, poisoned):
@@ -127,6 +129,16 @@ def test_backward_reads_the_upstream_grad_in_its_own_layout(channels_last, chann
     _, ref_gx, ref_gg = _ref_grads(x, grid, upstream)
     torch.testing.assert_close(gx, ref_gx, atol=TOL[torch.float64], rtol=0)
     torch.testing.assert_close(gg, ref_gg, atol=1e-9, rtol=1e-10)
+
+
+@triton_run
+@pytest.mark.parametrize("in_shape, out_hw", [((0, 16, 4, 4), (3, 3)), ((2, 16, 0, 4), (3, 3)), ((2, 16, 4, 4), (0, 3))])
+def test_backward_of_empty_tensors(in_shape, out_hw):
+    x = torch.randn(in_shape, dtype=torch.float64, device=DEV, requires_grad=True)
+    grid = torch.rand(in_shape[0], *out_hw, 2, dtype=torch.float64, device=DEV, requires_grad=True)
+    out = gs.grid_sample(x, grid, impl="triton")
+    gx, gg = torch.autograd.grad(out, (x, grid), torch.ones_like(out), allow_unused=True)
+    assert gx.shape == x.shape and not gx.any() and gg.shape == grid.shape and not gg.any()
 
 
 @triton_run
