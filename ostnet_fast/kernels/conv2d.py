@@ -247,6 +247,11 @@ def _partials_backward(ctx, grad):
 _conv2d_partials_op.register_autograd(_partials_backward, setup_context=_partials_setup)
 
 
+def _inference(*tensors: torch.Tensor) -> bool:
+    """No gradient will flow to these tensors: the paths below are measured at inference only."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 # plan's bound on M * C_out, the output's size: above it cuDNN (see plan).
 SMALL_OUTPUT = 2 ** 18
 
@@ -275,7 +280,7 @@ def plan(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> Til
     planned shape, most within 12% (conv2d_plan.json).
     Inference only (gradients off): in training the forward is a small part of a step whose backward
     stays cuDNN's."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if not _inference(x, weight):
         return None
     if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
         return None
@@ -311,7 +316,7 @@ def pads_for_cudnn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     the keypoint heads 35 -> 75 7x7 on 64x64 29.4 -> 22.9 / 83.3 -> 66.7 us, the mask heads 128 -> 17
     35.6 -> 26.8 / 80.0 -> 67.9 us. 3-channel images stay as they are: cuDNN has a direct kernel for them,
     and 3 -> 8 channels made the 3 -> 64 convolution no faster (8.4 against 9.3 us, 14.0 against 13.1)."""
-    if not torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    if not torch.compiler.is_compiling() or not _inference(x, weight):
         return False
     if x.dtype not in (torch.float16, torch.bfloat16) or not tu.is_channels_last(x):
         return False
@@ -441,8 +446,7 @@ def blur_downsample(x: torch.Tensor, weight: torch.Tensor, factor: torch.Tensor,
     atomics, unmeasured and not deterministic): F.conv2d."""
     if weight.shape[0] != x.shape[1]:
         raise ValueError(f"blur_downsample: {weight.shape[0]} filters for {x.shape[1]} channels")
-    training = torch.is_grad_enabled() and x.requires_grad  # measured at inference only; see below
-    if use_triton("conv2d", impl, x) and torch.compiler.is_compiling() and not training:
+    if use_triton("conv2d", impl, x) and torch.compiler.is_compiling() and _inference(x):  # see below
         autocast = torch.is_autocast_enabled("cuda") and x.dtype != torch.float64  # autocast leaves fp64 be
         dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
         out = blur_two_passes(x, factor, step).to(dtype)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..kernels import dense_motion_front, inverse_2x2
+from ..kernels._triton_utils import is_channels_last
 from .blocks import AntiAliasInterpolation2d, Hourglass, conv_heads, merge_heads
 
 
@@ -47,8 +48,8 @@ class DenseMotionNetwork(nn.Module):
             jacobian = jacobian.to(source_small.dtype)
         hourglass_in, motions = dense_motion_front(source_small, kp_s, kp_d, jacobian, self.kp_variance,
                                                    impl=impl)  # (B, (K+1)(C+1), h, w), (B, K+1, h, w, 2)
-        one = source_small[:1]  # a cached source is expanded over the batch (stride 0): judge one sample
-        if one.is_contiguous(memory_format=torch.channels_last) and not one.is_contiguous():
+        # a cached source is expanded over the batch (stride 0): judge one sample
+        if is_channels_last(source_small[:1]):
             # The front writes NCHW; the hourglass runs in the source's layout, and so does its output (the
             # concat of its decoder with this input), which the 7x7 heads read: channels-last, the heads'
             # convolution can take the split-K kernel (kernels.conv2d.plan).
