@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 from setuptools import setup
@@ -5,6 +6,17 @@ from setuptools import setup
 ROOT = Path(__file__).parent
 version = {}
 exec((ROOT / "ostnet_fast" / "_version.py").read_text(), version)
+
+# The CUDA C++ extension (csrc/ext/) is optional and built only on request, where nvcc and a CUDA build of
+# torch are installed: OSTNET_BUILD_CUDA=1 pip install --no-build-isolation -e .
+# (--no-build-isolation: it compiles against the torch already installed, not a fresh download).
+ext_modules, cmdclass = [], {}
+if os.environ.get("OSTNET_BUILD_CUDA") == "1":
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    ext_modules = [CUDAExtension("ostnet_fast._C", ["csrc/ext/grid_sample_small_c.cu"],
+                                 extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]})]
+    cmdclass = {"build_ext": BuildExtension}
 
 setup(
     name="ostnet-fast",
@@ -41,4 +53,6 @@ setup(
                 "onnxscript", "dlib-bin", "face-recognition-models"],
     },
     entry_points={"console_scripts": ["ostnet-fast=ostnet_fast.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

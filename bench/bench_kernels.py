@@ -11,6 +11,7 @@ replayed, as the model's fused path and torch.compile reduce-overhead run them).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from common import out_dir, print_table, time_graph_ms, time_ms, write_json  # n
 # The kernels package re-exports each op under its module's name, so fetch the modules themselves.
 dm, gs, kh, tg, tw, zc = (importlib.import_module(f"ostnet_fast.kernels.{m}")
                           for m in ("dense_motion", "grid_sample", "keypoint_head", "tps_grid", "tps_warp", "zconv"))
+from ostnet_fast.kernels import cuda_ext  # noqa: E402
 from ostnet_fast.model.scale_transform import fiducial_layout  # noqa: E402
 from ostnet_fast.runtime.cuda_graph import root_cause  # noqa: E402
 
@@ -95,9 +97,12 @@ def cases(quick: bool):
                                      (f"B{b} 3x256x256", (b, 3, 256, 256), False)):
                 x = rand(*shape, dtype=dtype, grad=True, channels_last=cl)
                 grid = (1.1 * rand(shape[0], shape[2], shape[3], 2)).requires_grad_(True)
-                yield dict(op="grid_sample", shape=label, dtype=dtype, inputs=[x, grid],
-                           ours=lambda x=x, grid=grid: gs.grid_sample(x, grid, impl="triton"),
-                           baseline=lambda x=x, grid=grid: F.grid_sample(x, grid.to(x.dtype), align_corners=True))
+                case = dict(op="grid_sample", shape=label, dtype=dtype, inputs=[x, grid],
+                            ours=lambda x=x, grid=grid: gs.grid_sample(x, grid, impl="triton"),
+                            baseline=lambda x=x, grid=grid: F.grid_sample(x, grid.to(x.dtype), align_corners=True))
+                yield case
+                if cuda_ext.grid_sample_applies(x, grid):  # ours ran the CUDA C++ extension: Triton alone too
+                    yield dict(case, shape=f"{label} (Triton)", triton_only=True)
             # keypoint head: K = 15 heatmaps of 58x58 (the 7x7 valid conv on the 64x64 hourglass output).
             logits = rand(b, 15, 58, 58, dtype=dtype, grad=True)
             jmap = rand(b, 15, 4, 58, 58, dtype=dtype, grad=True)
@@ -175,8 +180,11 @@ def main(argv=None) -> int:
             continue
         for mode in case.get("modes", ("fwd", "fwd+bwd")):
             row = {"op": case["op"], "shape": case["shape"], "dtype": str(case["dtype"]).replace("torch.", ""), "mode": mode}
+            # rows marked triton_only time our side with the CUDA C++ extension turned off (forward and backward)
+            ext_off = cuda_ext.turned_off if case.get("triton_only") else contextlib.nullcontext
             try:
-                ours = measure(case["ours"], case["inputs"], mode, iters)
+                with ext_off():
+                    ours = measure(case["ours"], case["inputs"], mode, iters)
                 base = measure(case["baseline"], case["inputs"], mode, iters)
                 row.update(ours_ms=ours["median_ms"], baseline_ms=base["median_ms"],
                            speedup=base["median_ms"] / ours["median_ms"])
@@ -186,7 +194,8 @@ def main(argv=None) -> int:
                 if not args.no_graph:  # the same pair as GPU time, the host's launch cost taken out
                     side = "ours"
                     try:
-                        ours_g = measure(case["ours"], case["inputs"], mode, iters, graph=True)
+                        with ext_off():
+                            ours_g = measure(case["ours"], case["inputs"], mode, iters, graph=True)
                         side = "baseline"
                         base_g = measure(case["baseline"], case["inputs"], mode, iters, graph=True)
                         row.update(ours_gpu_ms=ours_g["median_ms"], baseline_gpu_ms=base_g["median_ms"],

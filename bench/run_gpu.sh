@@ -19,6 +19,13 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ostnet-site .whl/*.whl \
     && export PYTHONPATH=/tmp/ostnet-site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# The optional CUDA C++ extension (csrc/ext/, ostnet_fast/kernels/cuda_ext.py), built in place where nvcc is;
+# OSTNET_BUILD_CUDA=0 skips it. If it does not build, everything runs on Triton alone, as without it.
+if [ "${OSTNET_BUILD_CUDA:-1}" != 0 ] && command -v nvcc >/dev/null 2>&1; then
+  OSTNET_BUILD_CUDA=1 python3 setup.py build_ext --inplace > "$OUT/cuda_ext_build.log" 2>&1 \
+    && echo "run_gpu.sh: CUDA extension built ($(ls ostnet_fast/_C*.so))" \
+    || echo "run_gpu.sh: the CUDA extension did not build (see $OUT/cuda_ext_build.log); Triton kernels only"
+fi
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
   || echo "run_gpu.sh: pip install -e . failed offline; using the source tree on PYTHONPATH"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}

@@ -31,6 +31,9 @@ Triton path (what is fused, and the design limits):
   The fp16/bf16 path computes coordinates from the grid in fp32 (the reference first rounds the grid to
   the input dtype, so low-precision results differ from it by that rounding, not by our arithmetic).
   Not twice differentiable (backward is once_differentiable).
+- NCHW fp32 images of 1-4 channels take the optional CUDA C++ extension where it is built (cuda_ext.py,
+  csrc/ext/grid_sample_small_c.cu): a channels-last copy padded to 4 channels, one float4 gather and one
+  float4 atomic per tap, which Triton's NCHW kernel does not express.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import _triton_utils as tu
+from . import cuda_ext
 from ._dispatch import use_triton
 
 if tu.HAS_TRITON:
@@ -135,6 +139,8 @@ def _prepare(input: torch.Tensor, grid: torch.Tensor):
 
 def _grid_sample_fwd(input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """input (B, C, H_in, W_in) NCHW/channels-last, grid (B, H, W, 2) contiguous -> (B, C, H, W)."""
+    if cuda_ext.grid_sample_applies(input, grid):
+        return cuda_ext.module().grid_sample_small_c_forward(input, grid)
     b, c, h_in, w_in = input.shape
     _, h, w, _ = grid.shape
     cl = tu.is_channels_last(input)
@@ -159,6 +165,10 @@ CHANNELS_LAST_BWD_FROM = 16
 def _grid_sample_bwd(grad_out: torch.Tensor, input: torch.Tensor, grid: torch.Tensor, need_input: bool,
                      need_grid: bool):
     """-> (grad_input or None, grad_grid or None)."""
+    if cuda_ext.grid_sample_applies(input, grid):
+        gin, ggrid = cuda_ext.module().grid_sample_small_c_backward(
+            grad_out.contiguous().to(input.dtype), input, grid, need_input, need_grid)
+        return (gin if need_input else None), (ggrid if need_grid else None)
     b, c, h_in, w_in = input.shape
     _, h, w, _ = grid.shape
     cl = tu.is_channels_last(input)

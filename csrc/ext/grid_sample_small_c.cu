@@ -1,0 +1,254 @@
+// grid_sample (bilinear, zeros padding, align_corners=True) for NCHW fp32 images of 1 to 4 channels:
+// the case the Triton kernel did not bring to the backward target (ostnet_fast/kernels/grid_sample.py).
+//
+// Why a kernel of its own: with random grids the backward is bound by scattered memory traffic. On an NCHW
+// image a tap's channels sit in planes H*W apart, so each (tap, channel) gather and each atomic is its own
+// sector. Here the backward first packs the image channels-last, padded to 4 channels (one 16-byte vector
+// a pixel), gathers one float4 per tap, and scatters the input grad with one float4 atomic per tap
+// (sm_90's vector atomicAdd; 4 scalar atomics on older GPUs) into a packed fp32 scratch that one last
+// pass writes back as NCHW. A thread owns one output pixel: its grid grad is reduced in registers.
+//
+// Maths and clamping are the Triton kernel's (_triton_utils.bilinear_taps), so the two paths agree to
+// rounding. Built by setup.py as ostnet_fast._C when OSTNET_BUILD_CUDA=1; optional (README).
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+namespace {
+
+constexpr int kMaxChannels = 4;
+constexpr int kThreads = 256;
+
+struct Taps {
+  int x0, y0;
+  float wx1, wy1;
+  bool m00, m01, m10, m11;  // zeros padding: a tap outside the image reads 0 and takes no grad
+};
+
+__device__ __forceinline__ Taps bilinear_taps(float2 g, int H, int W) {
+  float ix = (g.x + 1.f) * 0.5f * (W - 1);
+  float iy = (g.y + 1.f) * 0.5f * (H - 1);
+  // Beyond one pixel outside every tap is invalid; the clamp keeps the float -> int conversion in range.
+  ix = fminf(fmaxf(ix, -2.f), W + 1.f);
+  iy = fminf(fmaxf(iy, -2.f), H + 1.f);
+  const float x0f = floorf(ix), y0f = floorf(iy);
+  Taps t;
+  t.x0 = static_cast<int>(x0f);
+  t.y0 = static_cast<int>(y0f);
+  t.wx1 = ix - x0f;
+  t.wy1 = iy - y0f;
+  const bool vx0 = t.x0 >= 0 && t.x0 < W, vx1 = t.x0 + 1 >= 0 && t.x0 + 1 < W;
+  const bool vy0 = t.y0 >= 0 && t.y0 < H, vy1 = t.y0 + 1 >= 0 && t.y0 + 1 < H;
+  t.m00 = vy0 && vx0;
+  t.m01 = vy0 && vx1;
+  t.m10 = vy1 && vx0;
+  t.m11 = vy1 && vx1;
+  return t;
+}
+
+__device__ __forceinline__ float4 scale(float4 v, float w) { return make_float4(v.x * w, v.y * w, v.z * w, v.w * w); }
+
+__device__ __forceinline__ void atomic_add4(float4* p, float4 v, int C) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  (void)C;
+  atomicAdd(p, v);  // one vector atomic (sm_90+); the padding lane adds 0
+#else
+  float* q = reinterpret_cast<float*>(p);
+  atomicAdd(q, v.x);
+  if (C > 1) atomicAdd(q + 1, v.y);
+  if (C > 2) atomicAdd(q + 2, v.z);
+  if (C > 3) atomicAdd(q + 3, v.w);
+#endif
+}
+
+__device__ __forceinline__ float4 load_pixel(const float4* p, bool valid) {
+  return valid ? __ldg(p) : make_float4(0.f, 0.f, 0.f, 0.f);
+}
+
+// out[b, c, p] = sum of the 4 taps' weights times in[b, c, tap], read from the NCHW planes.
+__global__ void forward_kernel(const float* __restrict__ in, const float2* __restrict__ grid, float* __restrict__ out,
+                               int C, int H, int W, int64_t HWo, int64_t total) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= total) return;
+  const int64_t b = i / HWo, p = i - b * HWo;
+  const Taps t = bilinear_taps(grid[i], H, W);
+  const float wx0 = 1.f - t.wx1, wy0 = 1.f - t.wy1;
+  const int64_t plane = static_cast<int64_t>(H) * W;
+  const float* src = in + b * C * plane + static_cast<int64_t>(t.y0) * W + t.x0;  // dereferenced only if valid
+  float* dst = out + b * C * HWo + p;
+#pragma unroll
+  for (int c = 0; c < kMaxChannels; ++c) {
+    if (c >= C) break;
+    const float* s = src + c * plane;
+    const float v00 = t.m00 ? __ldg(s) : 0.f;
+    const float v01 = t.m01 ? __ldg(s + 1) : 0.f;
+    const float v10 = t.m10 ? __ldg(s + W) : 0.f;
+    const float v11 = t.m11 ? __ldg(s + W + 1) : 0.f;
+    dst[c * HWo] = wy0 * (wx0 * v00 + t.wx1 * v01) + t.wy1 * (wx0 * v10 + t.wx1 * v11);
+  }
+}
+
+// NCHW (B, C, H, W), C <= 4 -> (B, H, W, 4) with zeros in the padding lanes.
+__global__ void pack_kernel(const float* __restrict__ in, float4* __restrict__ packed, int C, int64_t plane,
+                            int64_t total) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= total) return;
+  const int64_t b = i / plane, p = i - b * plane;
+  const float* s = in + b * C * plane + p;
+  float v[kMaxChannels] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int c = 0; c < kMaxChannels; ++c)
+    if (c < C) v[c] = s[c * plane];
+  packed[i] = make_float4(v[0], v[1], v[2], v[3]);
+}
+
+// (B, H, W, 4) -> NCHW (B, C, H, W): the scratch's first C lanes.
+__global__ void unpack_kernel(const float4* __restrict__ packed, float* __restrict__ out, int C, int64_t plane,
+                              int64_t total) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= total) return;
+  const int64_t b = i / plane, p = i - b * plane;
+  const float4 v = packed[i];
+  const float lanes[kMaxChannels] = {v.x, v.y, v.z, v.w};
+  float* d = out + b * C * plane + p;
+#pragma unroll
+  for (int c = 0; c < kMaxChannels; ++c)
+    if (c < C) d[c * plane] = lanes[c];
+}
+
+// With g = dL/dout[p, c] and out = wy0 (wx0 v00 + wx1 v01) + wy1 (wx0 v10 + wx1 v11):
+//   dL/din[tap, c] += g * w_tap  (float4 atomics into the packed scratch)
+//   dL/dix = sum_c g (wy0 (v01 - v00) + wy1 (v11 - v10)),  dL/diy = sum_c g (wx0 (v10 - v00) + wx1 (v11 - v01))
+// and dL/dgx = dL/dix (W - 1) / 2, dL/dgy = dL/diy (H - 1) / 2.
+template <bool kInputGrad, bool kGridGrad>
+__global__ void backward_kernel(const float* __restrict__ grad_out, const float4* __restrict__ packed,
+                                const float2* __restrict__ grid, float4* __restrict__ grad_packed,
+                                float2* __restrict__ grad_grid, int C, int H, int W, int64_t HWo, int64_t total) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= total) return;
+  const int64_t b = i / HWo, p = i - b * HWo;
+  const Taps t = bilinear_taps(grid[i], H, W);
+  const float wx0 = 1.f - t.wx1, wy0 = 1.f - t.wy1;
+  float gv[kMaxChannels] = {0.f, 0.f, 0.f, 0.f};
+  const float* go = grad_out + b * C * HWo + p;
+#pragma unroll
+  for (int c = 0; c < kMaxChannels; ++c)
+    if (c < C) gv[c] = go[c * HWo];
+  const float4 g = make_float4(gv[0], gv[1], gv[2], gv[3]);
+  const int64_t base = b * static_cast<int64_t>(H) * W + static_cast<int64_t>(t.y0) * W + t.x0;
+  if (kGridGrad) {
+    const float4 v00 = load_pixel(packed + base, t.m00), v01 = load_pixel(packed + base + 1, t.m01);
+    const float4 v10 = load_pixel(packed + base + W, t.m10), v11 = load_pixel(packed + base + W + 1, t.m11);
+    // padding lanes hold g = 0 and v = 0, so summing all 4 lanes is the sum over the C channels
+    const float dix = g.x * (wy0 * (v01.x - v00.x) + t.wy1 * (v11.x - v10.x)) +
+                      g.y * (wy0 * (v01.y - v00.y) + t.wy1 * (v11.y - v10.y)) +
+                      g.z * (wy0 * (v01.z - v00.z) + t.wy1 * (v11.z - v10.z)) +
+                      g.w * (wy0 * (v01.w - v00.w) + t.wy1 * (v11.w - v10.w));
+    const float diy = g.x * (wx0 * (v10.x - v00.x) + t.wx1 * (v11.x - v01.x)) +
+                      g.y * (wx0 * (v10.y - v00.y) + t.wx1 * (v11.y - v01.y)) +
+                      g.z * (wx0 * (v10.z - v00.z) + t.wx1 * (v11.z - v01.z)) +
+                      g.w * (wx0 * (v10.w - v00.w) + t.wx1 * (v11.w - v01.w));
+    grad_grid[i] = make_float2(dix * (0.5f * (W - 1)), diy * (0.5f * (H - 1)));
+  }
+  if (kInputGrad) {
+    if (t.m00) atomic_add4(grad_packed + base, scale(g, wy0 * wx0), C);
+    if (t.m01) atomic_add4(grad_packed + base + 1, scale(g, wy0 * t.wx1), C);
+    if (t.m10) atomic_add4(grad_packed + base + W, scale(g, t.wy1 * wx0), C);
+    if (t.m11) atomic_add4(grad_packed + base + W + 1, scale(g, t.wy1 * t.wx1), C);
+  }
+}
+
+unsigned int blocks_for(int64_t n) { return static_cast<unsigned int>((n + kThreads - 1) / kThreads); }
+
+void check_args(const torch::Tensor& input, const torch::Tensor& grid, const char* op) {
+  TORCH_CHECK(input.is_cuda() && grid.is_cuda(), op, ": CUDA tensors expected");
+  TORCH_CHECK(input.device() == grid.device(), op, ": input on ", input.device(), " but grid on ", grid.device());
+  TORCH_CHECK(input.dim() == 4 && grid.dim() == 4 && grid.size(3) == 2 && grid.size(0) == input.size(0), op,
+              ": input must be (B, C, H, W) and grid (B, H, W, 2), got ", input.sizes(), " and ", grid.sizes());
+  TORCH_CHECK(input.scalar_type() == torch::kFloat32 && grid.scalar_type() == torch::kFloat32, op,
+              ": fp32 input and grid expected, got ", input.scalar_type(), " and ", grid.scalar_type());
+  TORCH_CHECK(input.size(1) >= 1 && input.size(1) <= kMaxChannels, op, ": 1 to ", kMaxChannels,
+              " channels expected, got ", input.size(1));
+  TORCH_CHECK(input.is_contiguous() && grid.is_contiguous(), op, ": NCHW-contiguous input and contiguous grid expected");
+  TORCH_CHECK(input.size(2) < (1 << 30) && input.size(3) < (1 << 30), op, ": image too large");
+  // float2 loads of the grid need 8-byte alignment (a view at an odd offset is not)
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(grid.data_ptr()) % alignof(float2) == 0, op, ": grid not 8-byte aligned");
+}
+
+torch::Tensor forward(const torch::Tensor& input, const torch::Tensor& grid) {
+  check_args(input, grid, "grid_sample_small_c_forward");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t HWo = grid.size(1) * grid.size(2), total = B * HWo;
+  auto out = torch::empty({B, C, grid.size(1), grid.size(2)}, input.options());
+  if (total == 0) return out;
+  forward_kernel<<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      input.data_ptr<float>(), reinterpret_cast<const float2*>(grid.data_ptr<float>()), out.data_ptr<float>(),
+      static_cast<int>(C), static_cast<int>(H), static_cast<int>(W), HWo, total);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// -> (grad_input or an empty tensor, grad_grid or an empty tensor)
+std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::Tensor& input, const torch::Tensor& grid,
+                                    bool need_input, bool need_grid) {
+  check_args(input, grid, "grid_sample_small_c_backward");
+  const int64_t B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == torch::kFloat32 &&
+                  grad_out.device() == input.device() &&
+                  grad_out.sizes() == torch::IntArrayRef({B, C, grid.size(1), grid.size(2)}),
+              "grid_sample_small_c_backward: grad_out must be NCHW-contiguous fp32 of shape ",
+              torch::IntArrayRef({B, C, grid.size(1), grid.size(2)}), ", got ", grad_out.sizes());
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t HWo = grid.size(1) * grid.size(2), total = B * HWo, plane = H * W, pixels = B * plane;
+  auto f32 = input.options();
+  torch::Tensor grad_input = need_input ? torch::empty_like(input) : torch::empty({0}, f32);  // unpack writes it all
+  torch::Tensor grad_grid = need_grid ? torch::empty_like(grid) : torch::empty({0}, f32);
+  if (total == 0 || pixels == 0 || !(need_input || need_grid)) {
+    if (need_input) grad_input.zero_();
+    if (need_grid) grad_grid.zero_();
+    return {grad_input, grad_grid};
+  }
+  torch::Tensor packed, grad_packed;
+  if (need_grid) {  // the values the grid grad needs, one float4 per pixel
+    packed = torch::empty({B, H, W, kMaxChannels}, f32);
+    pack_kernel<<<blocks_for(pixels), kThreads, 0, stream>>>(input.data_ptr<float>(),
+                                                              reinterpret_cast<float4*>(packed.data_ptr<float>()),
+                                                              static_cast<int>(C), plane, pixels);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (need_input) grad_packed = torch::zeros({B, H, W, kMaxChannels}, f32);
+  auto* packed_ptr = need_grid ? reinterpret_cast<const float4*>(packed.data_ptr<float>()) : nullptr;
+  auto* grad_packed_ptr = need_input ? reinterpret_cast<float4*>(grad_packed.data_ptr<float>()) : nullptr;
+  auto* grad_grid_ptr = need_grid ? reinterpret_cast<float2*>(grad_grid.data_ptr<float>()) : nullptr;
+  auto* grid_ptr = reinterpret_cast<const float2*>(grid.data_ptr<float>());
+  const auto launch = [&](auto kernel) {
+    kernel<<<blocks_for(total), kThreads, 0, stream>>>(grad_out.data_ptr<float>(), packed_ptr, grid_ptr,
+                                                        grad_packed_ptr, grad_grid_ptr, static_cast<int>(C),
+                                                        static_cast<int>(H), static_cast<int>(W), HWo, total);
+  };
+  if (need_input && need_grid) launch(backward_kernel<true, true>);
+  else if (need_input) launch(backward_kernel<true, false>);
+  else launch(backward_kernel<false, true>);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (need_input) {
+    unpack_kernel<<<blocks_for(pixels), kThreads, 0, stream>>>(reinterpret_cast<const float4*>(grad_packed.data_ptr<float>()),
+                                                                grad_input.data_ptr<float>(), static_cast<int>(C),
+                                                                plane, pixels);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {grad_input, grad_grid};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ostnet-fast CUDA C++ kernels (optional; the Triton kernels cover every op without them)";
+  m.def("grid_sample_small_c_forward", &forward, "bilinear grid_sample, NCHW fp32, 1-4 channels",
+        py::arg("input"), py::arg("grid"));
+  m.def("grid_sample_small_c_backward", &backward, "its backward: (grad_input, grad_grid), empty where not needed",
+        py::arg("grad_out"), py::arg("input"), py::arg("grid"), py::arg("need_input"), py::arg("need_grid"));
+}

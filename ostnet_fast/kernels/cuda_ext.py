@@ -1,0 +1,64 @@
+"""The optional CUDA C++ extension `ostnet_fast._C` (sources in csrc/ext/): kernels for the cases where the
+Triton ones did not reach their target. Today one: grid_sample on NCHW fp32 images of 1 to 4 channels
+(csrc/ext/grid_sample_small_c.cu says why).
+
+It is built only on request, where nvcc and a CUDA build of torch are installed:
+
+    OSTNET_BUILD_CUDA=1 pip install --no-build-isolation -e .
+
+(TORCH_CUDA_ARCH_LIST="8.6" and the like build for a GPU that is not in this machine.) Without it, every op
+runs its Triton kernel exactly as before. OSTNET_CUDA_EXT=0 turns a built extension off, to compare the two
+or to rule it out. The extension runs inside the same autograd Functions and custom ops as the Triton kernels,
+so torch.compile and CUDA graphs see no difference.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("ostnet_fast.kernels")
+
+GRID_SAMPLE_MAX_CHANNELS = 4  # csrc/ext/grid_sample_small_c.cu's kMaxChannels
+
+
+@functools.lru_cache(maxsize=None)
+def module():
+    """The loaded extension, or None when it was not built (or cannot load: then say why, once)."""
+    try:
+        return importlib.import_module("ostnet_fast._C")
+    except ModuleNotFoundError:  # not built
+        return None
+    except ImportError as e:  # built, but it does not load (e.g. built against another torch): say so
+        log.warning("ostnet_fast._C is there but does not load (%s); using the Triton kernels", e)
+        return None
+
+
+_turned_off = False
+
+
+def enabled() -> bool:
+    return not _turned_off and os.environ.get("OSTNET_CUDA_EXT", "1") != "0" and module() is not None
+
+
+@contextlib.contextmanager
+def turned_off():
+    """Run the Triton kernels only, for what runs inside (forward and backward), e.g. to time both in one run."""
+    global _turned_off
+    before, _turned_off = _turned_off, True
+    try:
+        yield
+    finally:
+        _turned_off = before
+
+
+def grid_sample_applies(input: torch.Tensor, grid: torch.Tensor) -> bool:
+    """grid_sample (forward and backward) runs on the extension: CUDA, fp32, NCHW, 1-4 channels, a
+    contiguous grid whose (x, y) pairs are 8-byte aligned (the kernel loads them as float2)."""
+    return (input.is_cuda and input.dtype == torch.float32 and grid.dtype == torch.float32
+            and 1 <= input.shape[1] <= GRID_SAMPLE_MAX_CHANNELS and input.is_contiguous() and grid.is_contiguous()
+            and grid.data_ptr() % 8 == 0 and enabled())

@@ -1,0 +1,237 @@
+"""grid_sample's CUDA C++ extension (csrc/ext/grid_sample_small_c.cu, ostnet_fast.kernels.cuda_ext).
+
+On the GPU (marked gpu; skipped where the extension is not built): the extension against a float64 PyTorch
+reference, forward and both gradients, at odd sizes and 1-4 channels. On the CPU: the switches, and the
+wiring through grid_sample's autograd Function with a stand-in for the compiled module.
+"""
+import contextlib
+import importlib
+import types
+
+import pytest
+import torch
+
+from ostnet_fast.kernels import cuda_ext
+from tests.conftest import requires_triton_run
+
+gs = importlib.import_module("ostnet_fast.kernels.grid_sample")
+triton_run = requires_triton_run()
+
+
+def _inputs(in_shape, out_hw, device, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    x = -2.3 + 0.5 * torch.randn(in_shape, generator=gen, dtype=torch.float64)
+    grid = -1.3 + 2.6 * torch.rand((in_shape[0], *out_hw, 2), generator=gen, dtype=torch.float64)  # 15% outside
+    return x.to(device=device, dtype=dtype), grid.to(device=device, dtype=dtype)
+
+
+def _reference(x, grid, upstream):
+    with torch.enable_grad():  # also when called from inside a backward
+        xr = x.detach().double().requires_grad_(True)
+        gr = grid.detach().double().requires_grad_(True)
+        out = gs.grid_sample_reference(xr, gr)
+        gx, gg = torch.autograd.grad(out, (xr, gr), upstream.double())
+    return out.detach(), gx, gg
+
+
+# ---------------------------------------------------------------------------------------------- CPU
+def test_switches(monkeypatch):
+    monkeypatch.setattr(cuda_ext, "module", lambda: types.SimpleNamespace())
+    assert cuda_ext.enabled()
+    with cuda_ext.turned_off():
+        assert not cuda_ext.enabled()
+    assert cuda_ext.enabled()
+    monkeypatch.setenv("OSTNET_CUDA_EXT", "0")
+    assert not cuda_ext.enabled()
+
+
+def test_not_built_is_not_an_error():
+    # this machine has no build of it (CI builds none): the module is None, and nothing applies
+    if cuda_ext.module() is not None:
+        pytest.skip("the extension is built here")
+    x, grid = _inputs((1, 3, 4, 4), (3, 3), "cpu")
+    assert not cuda_ext.enabled() and not cuda_ext.grid_sample_applies(x, grid)
+
+
+def test_applies_only_to_cuda_tensors(monkeypatch):
+    monkeypatch.setattr(cuda_ext, "module", lambda: types.SimpleNamespace())
+    x, grid = _inputs((1, 3, 4, 4), (3, 3), "cpu")
+    assert not cuda_ext.grid_sample_applies(x, grid)
+
+
+@triton_run
+@pytest.mark.parametrize("need", ["both", "input", "grid"])
+def test_grid_sample_routes_through_the_extension(monkeypatch, need):
+    """A stand-in module (the reference in float64) behind grid_sample_applies: grid_sample's forward and
+    backward call it with the right arguments and hand back its results in the right places."""
+    calls = []
+
+    def forward(input, grid):
+        calls.append("forward")
+        return gs.grid_sample_reference(input.double(), grid.double()).float()
+
+    def backward(grad_out, input, grid, need_input, need_grid):
+        calls.append(("backward", need_input, need_grid))
+        assert grad_out.is_contiguous() and grad_out.dtype == torch.float32
+        _, gx, gg = _reference(input, grid, grad_out)
+        return (gx.float() if need_input else input.new_empty(0)), (gg.float() if need_grid else grid.new_empty(0))
+
+    monkeypatch.setattr(cuda_ext, "module", lambda: types.SimpleNamespace(
+        grid_sample_small_c_forward=forward, grid_sample_small_c_backward=backward))
+    monkeypatch.setattr(cuda_ext, "grid_sample_applies", lambda input, grid: True)
+    x, grid = _inputs((2, 3, 7, 9), (5, 6), "cpu")
+    x.requires_grad_(need in ("both", "input"))
+    grid.requires_grad_(need in ("both", "grid"))
+    out = gs.grid_sample(x, grid, impl="triton")
+    upstream = torch.randn(out.shape).to(memory_format=torch.channels_last)  # made contiguous on the way
+    leaves = [t for t in (x, grid) if t.requires_grad]
+    grads = torch.autograd.grad(out, leaves, upstream)
+    ref_out, ref_gx, ref_gg = _reference(x, grid, upstream)
+    assert calls == ["forward", ("backward", x.requires_grad, grid.requires_grad)]
+    torch.testing.assert_close(out, ref_out.float())
+    for leaf, g in zip(leaves, grads):
+        torch.testing.assert_close(g, (ref_gx if leaf is x else ref_gg).float())
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+needs_ext = pytest.mark.skipif(not torch.cuda.is_available() or cuda_ext.module() is None,
+                               reason="needs CUDA and the built extension (OSTNET_BUILD_CUDA=1)")
+
+GPU_SHAPES = [  # input (B, C, H_in, W_in), output (H, W)
+    ((3, 1, 37, 53), (29, 41)),  # one channel, odd sizes
+    ((2, 2, 7, 9), (5, 6)),
+    ((5, 3, 33, 47), (40, 31)),  # upsampling: several outputs per input pixel
+    ((4, 4, 1, 6), (2, 3)),  # one row: the taps above and below read zeros
+    ((8, 3, 256, 256), (256, 256)),  # the image warp
+    ((128, 3, 64, 64), (64, 64)),  # K+1 deformed sources, batch 8
+]
+
+
+def _poison_allocator():
+    """Fill free memory of the caching allocator with NaN: outputs the kernels fail to write show up."""
+    torch.empty(1 << 27, device="cuda").fill_(float("nan"))
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("in_shape,out_hw", GPU_SHAPES)
+def test_gpu_matches_float64_reference(in_shape, out_hw):
+    x, grid = _inputs(in_shape, out_hw, "cuda", seed=in_shape[1])
+    assert cuda_ext.grid_sample_applies(x, grid)  # else this would test the Triton kernel
+    x.requires_grad_(True)
+    grid.requires_grad_(True)
+    _poison_allocator()
+    out = gs.grid_sample(x, grid, impl="triton")
+    upstream = torch.randn_like(out)
+    gx, gg = torch.autograd.grad(out, (x, grid), upstream)
+    ref, ref_gx, ref_gg = _reference(x, grid, upstream)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx.double(), ref_gx, atol=1e-5, rtol=1e-5)
+    scale = ref_gg.abs().max().item()  # the grid grad of a tap on a cell edge can cancel to near 0
+    torch.testing.assert_close(gg.double(), ref_gg, atol=1e-5 * scale, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("need_input,need_grid", [(True, False), (False, True)])
+def test_gpu_only_the_needed_grads(need_input, need_grid):
+    x, grid = _inputs((3, 3, 21, 17), (19, 23), "cuda", seed=5)
+    upstream = torch.randn(3, 3, 19, 23, device="cuda")
+    _poison_allocator()
+    gx, gg = cuda_ext.module().grid_sample_small_c_backward(upstream, x, grid, need_input, need_grid)
+    _, ref_gx, ref_gg = _reference(x, grid, upstream)
+    assert (gx.numel() > 0) == need_input and (gg.numel() > 0) == need_grid
+    if need_input:
+        torch.testing.assert_close(gx.double(), ref_gx, atol=1e-5, rtol=1e-5)
+    if need_grid:
+        torch.testing.assert_close(gg.double(), ref_gg, atol=1e-5 * ref_gg.abs().max().item(), rtol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_gpu_grid_far_outside_and_non_finite():
+    x, grid = _inputs((2, 3, 8, 8), (4, 4), "cuda")
+    grid[0, 0, 0] = torch.tensor([1e30, -1e30])
+    grid[0, 0, 1] = torch.tensor([float("inf"), 0.0])
+    grid[1, 2, 3] = torch.tensor([-3.0, 5.0])
+    x.requires_grad_(True)
+    out = gs.grid_sample(x, grid, impl="triton")
+    assert not out[0, :, 0, :2].any() and not out[1, :, 2, 3].any()
+    (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert gx.isfinite().all()
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("in_shape,out_hw", [((0, 3, 4, 4), (3, 3)), ((2, 3, 4, 4), (0, 3)), ((2, 3, 0, 4), (3, 3))])
+def test_gpu_empty(in_shape, out_hw):
+    x = torch.randn(in_shape, device="cuda", requires_grad=True)
+    grid = torch.rand(in_shape[0], *out_hw, 2, device="cuda", requires_grad=True)
+    out = gs.grid_sample(x, grid, impl="triton")
+    assert out.shape == (in_shape[0], 3, *out_hw) and not out.any()
+    gx, gg = torch.autograd.grad(out, (x, grid), torch.ones_like(out))
+    assert gx.shape == x.shape and not gx.any() and gg.shape == grid.shape and not gg.any()
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_gpu_agrees_with_the_triton_kernel():
+    x, grid = _inputs((4, 3, 45, 39), (41, 37), "cuda", seed=7)
+    x.requires_grad_(True)
+    grid.requires_grad_(True)
+    upstream = torch.randn(4, 3, 41, 37, device="cuda")
+    results = []
+    for off in (False, True):
+        with cuda_ext.turned_off() if off else contextlib.nullcontext():
+            out = gs.grid_sample(x, grid, impl="triton")
+            results.append((out, *torch.autograd.grad(out, (x, grid), upstream)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5 * max(b.abs().max().item(), 1.0), rtol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_gpu_bad_arguments_raise():
+    ext = cuda_ext.module()
+    x, grid = _inputs((1, 3, 4, 4), (3, 3), "cuda")
+    with pytest.raises(RuntimeError, match="fp32"):
+        ext.grid_sample_small_c_forward(x.half(), grid)
+    with pytest.raises(RuntimeError, match="1 to 4 channels"):
+        ext.grid_sample_small_c_forward(torch.zeros(1, 5, 4, 4, device="cuda"), grid)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ext.grid_sample_small_c_forward(x.transpose(2, 3), grid)
+    with pytest.raises(RuntimeError, match="grad_out"):
+        ext.grid_sample_small_c_backward(torch.zeros(1, 3, 2, 2, device="cuda"), x, grid, True, True)
+    with pytest.raises(RuntimeError, match="aligned"):
+        ext.grid_sample_small_c_forward(x, torch.zeros(19, device="cuda")[1:].view(1, 3, 3, 2))
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_gpu_cuda_graph_replay():
+    """The model replays its frame in a CUDA graph: forward + backward captured, then replayed on new data."""
+    x, grid = _inputs((2, 3, 33, 35), (31, 29), "cuda", seed=9)
+    x.requires_grad_(True)
+    grid.requires_grad_(True)
+    upstream = torch.randn(2, 3, 31, 29, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the capture
+        out = gs.grid_sample(x, grid, impl="triton")
+        torch.autograd.grad(out, (x, grid), upstream)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gs.grid_sample(x, grid, impl="triton")
+        gx, gg = torch.autograd.grad(out, (x, grid), upstream)
+    x2, grid2 = _inputs((2, 3, 33, 35), (31, 29), "cuda", seed=10)
+    with torch.no_grad():
+        x.copy_(x2)
+        grid.copy_(grid2)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref, ref_gx, ref_gg = _reference(x, grid, upstream)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx.double(), ref_gx, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gg.double(), ref_gg, atol=1e-5 * ref_gg.abs().max().item(), rtol=1e-4)
