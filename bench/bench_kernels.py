@@ -64,6 +64,13 @@ def measure(fwd, inputs, mode, iters, graph=False):
     return timer(step, iters=iters, grad_to_none=[t for t in inputs if torch.is_tensor(t) and t.requires_grad])
 
 
+def smooth_grid(b, h, w):
+    """Identity plus a displacement of about 3% of the image, varying over 8x8 cells."""
+    identity = F.affine_grid(torch.eye(2, 3, device=DEV).expand(b, 2, 3), (b, 1, h, w), align_corners=True)
+    bumps = F.interpolate(torch.randn(b, 2, 8, 8, device=DEV), size=(h, w), mode="bilinear", align_corners=True)
+    return (identity + 0.03 * bumps.permute(0, 2, 3, 1)).contiguous()
+
+
 def tps_case(b, size, dtype):
     target = fiducial_layout(20).float().to(DEV)
     coef = tg.tps_solve(target).float().to(DEV)
@@ -91,12 +98,16 @@ def cases(quick: bool):
                        torch_best=lambda: F.grid_sample(img, (A.to(dtype) @ ctrl_d).view(ctrl.shape[0], 256, 256, 2),
                                                         align_corners=True))
             # grid_sample at the model's shapes: K+1 deformed sources, bottleneck features, channels-last.
+            # Random grids (the worst case for gathers and atomics, kept so that sessions compare) and, last,
+            # a smooth warp like the model's: identity plus a low-frequency displacement.
             for label, shape, cl in ((f"B{b}x16 3x64x64", (b * 16, 3, 64, 64), False),
                                      (f"B{b} 256x64x64", (b, 256, 64, 64), False),
                                      (f"B{b} 512x32x32 CL", (b, 512, 32, 32), True),
-                                     (f"B{b} 3x256x256", (b, 3, 256, 256), False)):
+                                     (f"B{b} 3x256x256", (b, 3, 256, 256), False),
+                                     (f"B{b} 3x256x256 smooth", (b, 3, 256, 256), False)):
                 x = rand(*shape, dtype=dtype, grad=True, channels_last=cl)
-                grid = (1.1 * rand(shape[0], shape[2], shape[3], 2)).requires_grad_(True)
+                grid = smooth_grid(shape[0], *shape[2:]) if "smooth" in label else 1.1 * rand(shape[0], *shape[2:], 2)
+                grid.requires_grad_(True)
                 case = dict(op="grid_sample", shape=label, dtype=dtype, inputs=[x, grid],
                             ours=lambda x=x, grid=grid: gs.grid_sample(x, grid, impl="triton"),
                             baseline=lambda x=x, grid=grid: F.grid_sample(x, grid.to(x.dtype), align_corners=True))

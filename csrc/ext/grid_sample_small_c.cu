@@ -1,12 +1,13 @@
 // grid_sample (bilinear, zeros padding, align_corners=True) for NCHW fp32 images of 1 to 4 channels:
 // the case the Triton kernel did not bring to the backward target (ostnet_fast/kernels/grid_sample.py).
 //
-// Why a kernel of its own: with random grids the backward is bound by scattered memory traffic. On an NCHW
+// Why a kernel of its own: with random grids both passes are bound by scattered traffic to L2. On an NCHW
 // image a tap's channels sit in planes H*W apart, so each (tap, channel) gather and each atomic is its own
-// sector. Here the backward first packs the image channels-last, padded to 4 channels (one 16-byte vector
-// a pixel), gathers one float4 per tap, and scatters the input grad with one float4 atomic per tap
-// (sm_90's vector atomicAdd; 4 scalar atomics on older GPUs) into a packed fp32 scratch that one last
-// pass writes back as NCHW. A thread owns one output pixel: its grid grad is reduced in registers.
+// sector. Here the image is first packed channels-last, padded to 4 channels (one 16-byte vector a pixel):
+// the forward and the grid grad gather one float4 per tap, and the input grad is scattered with one float4
+// atomic per tap (sm_90's vector atomicAdd; scalar atomics on older GPUs) into a packed fp32 scratch that
+// one last pass writes back as NCHW. The packed copy is made once and kept for the backward (grid_sample.py).
+// A thread owns one output pixel: its grid grad is reduced in registers, no atomics for it.
 //
 // Maths and clamping are the Triton kernel's (_triton_utils.bilinear_taps), so the two paths agree to
 // rounding. Built by setup.py as ostnet_fast._C when OSTNET_BUILD_CUDA=1; optional (README).
@@ -67,27 +68,26 @@ __device__ __forceinline__ float4 load_pixel(const float4* p, bool valid) {
   return valid ? __ldg(p) : make_float4(0.f, 0.f, 0.f, 0.f);
 }
 
-// out[b, c, p] = sum of the 4 taps' weights times in[b, c, tap], read from the NCHW planes.
-__global__ void forward_kernel(const float* __restrict__ in, const float2* __restrict__ grid, float* __restrict__ out,
-                               int C, int H, int W, int64_t HWo, int64_t total) {
+// out[b, c, p] = sum of the 4 taps' weights times the packed image at the tap, for the first C lanes.
+__global__ void forward_kernel(const float4* __restrict__ packed, const float2* __restrict__ grid,
+                               float* __restrict__ out, int C, int H, int W, int64_t HWo, int64_t total) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= total) return;
   const int64_t b = i / HWo, p = i - b * HWo;
   const Taps t = bilinear_taps(grid[i], H, W);
   const float wx0 = 1.f - t.wx1, wy0 = 1.f - t.wy1;
-  const int64_t plane = static_cast<int64_t>(H) * W;
-  const float* src = in + b * C * plane + static_cast<int64_t>(t.y0) * W + t.x0;  // dereferenced only if valid
+  const int64_t base = b * static_cast<int64_t>(H) * W + static_cast<int64_t>(t.y0) * W + t.x0;
+  const float4 v00 = load_pixel(packed + base, t.m00), v01 = load_pixel(packed + base + 1, t.m01);
+  const float4 v10 = load_pixel(packed + base + W, t.m10), v11 = load_pixel(packed + base + W + 1, t.m11);
+  const float r[kMaxChannels] = {
+      wy0 * (wx0 * v00.x + t.wx1 * v01.x) + t.wy1 * (wx0 * v10.x + t.wx1 * v11.x),
+      wy0 * (wx0 * v00.y + t.wx1 * v01.y) + t.wy1 * (wx0 * v10.y + t.wx1 * v11.y),
+      wy0 * (wx0 * v00.z + t.wx1 * v01.z) + t.wy1 * (wx0 * v10.z + t.wx1 * v11.z),
+      wy0 * (wx0 * v00.w + t.wx1 * v01.w) + t.wy1 * (wx0 * v10.w + t.wx1 * v11.w)};
   float* dst = out + b * C * HWo + p;
 #pragma unroll
-  for (int c = 0; c < kMaxChannels; ++c) {
-    if (c >= C) break;
-    const float* s = src + c * plane;
-    const float v00 = t.m00 ? __ldg(s) : 0.f;
-    const float v01 = t.m01 ? __ldg(s + 1) : 0.f;
-    const float v10 = t.m10 ? __ldg(s + W) : 0.f;
-    const float v11 = t.m11 ? __ldg(s + W + 1) : 0.f;
-    dst[c * HWo] = wy0 * (wx0 * v00 + t.wx1 * v01) + t.wy1 * (wx0 * v10 + t.wx1 * v11);
-  }
+  for (int c = 0; c < kMaxChannels; ++c)
+    if (c < C) dst[c * HWo] = r[c];
 }
 
 // NCHW (B, C, H, W), C <= 4 -> (B, H, W, 4) with zeros in the padding lanes.
@@ -162,82 +162,111 @@ __global__ void backward_kernel(const float* __restrict__ grad_out, const float4
 
 unsigned int blocks_for(int64_t n) { return static_cast<unsigned int>((n + kThreads - 1) / kThreads); }
 
-void check_args(const torch::Tensor& input, const torch::Tensor& grid, const char* op) {
-  TORCH_CHECK(input.is_cuda() && grid.is_cuda(), op, ": CUDA tensors expected");
-  TORCH_CHECK(input.device() == grid.device(), op, ": input on ", input.device(), " but grid on ", grid.device());
-  TORCH_CHECK(input.dim() == 4 && grid.dim() == 4 && grid.size(3) == 2 && grid.size(0) == input.size(0), op,
-              ": input must be (B, C, H, W) and grid (B, H, W, 2), got ", input.sizes(), " and ", grid.sizes());
-  TORCH_CHECK(input.scalar_type() == torch::kFloat32 && grid.scalar_type() == torch::kFloat32, op,
-              ": fp32 input and grid expected, got ", input.scalar_type(), " and ", grid.scalar_type());
-  TORCH_CHECK(input.size(1) >= 1 && input.size(1) <= kMaxChannels, op, ": 1 to ", kMaxChannels,
-              " channels expected, got ", input.size(1));
-  TORCH_CHECK(input.is_contiguous() && grid.is_contiguous(), op, ": NCHW-contiguous input and contiguous grid expected");
-  TORCH_CHECK(input.size(2) < (1 << 30) && input.size(3) < (1 << 30), op, ": image too large");
+void check_grid(const torch::Tensor& grid, const torch::Tensor& like, int64_t batch, const char* op) {
+  TORCH_CHECK(grid.is_cuda() && grid.device() == like.device(), op, ": grid must be on ", like.device());
+  TORCH_CHECK(grid.dim() == 4 && grid.size(3) == 2 && grid.size(0) == batch, op, ": grid must be (", batch,
+              ", H, W, 2), got ", grid.sizes());
+  TORCH_CHECK(grid.scalar_type() == torch::kFloat32 && grid.is_contiguous(), op, ": contiguous fp32 grid expected");
   // float2 loads of the grid need 8-byte alignment (a view at an odd offset is not)
   TORCH_CHECK(reinterpret_cast<uintptr_t>(grid.data_ptr()) % alignof(float2) == 0, op, ": grid not 8-byte aligned");
 }
 
-torch::Tensor forward(const torch::Tensor& input, const torch::Tensor& grid) {
-  check_args(input, grid, "grid_sample_small_c_forward");
+// A (B, H, W, 4) fp32 tensor made by pack().
+void check_packed(const torch::Tensor& packed, const char* op) {
+  TORCH_CHECK(packed.is_cuda() && packed.dim() == 4 && packed.size(3) == kMaxChannels &&
+                  packed.scalar_type() == torch::kFloat32 && packed.is_contiguous() &&
+                  reinterpret_cast<uintptr_t>(packed.data_ptr()) % alignof(float4) == 0,
+              op, ": packed must be the contiguous (B, H, W, 4) fp32 CUDA tensor grid_sample_pack returns, got ",
+              packed.sizes(), " ", packed.scalar_type());
+  TORCH_CHECK(packed.size(1) < (1 << 30) && packed.size(2) < (1 << 30), op, ": image too large");
+}
+
+// NCHW fp32 (B, C, H, W), C in 1..4 -> (B, H, W, 4) fp32, zeros in the lanes past C.
+torch::Tensor pack(const torch::Tensor& input) {
+  TORCH_CHECK(input.is_cuda() && input.dim() == 4, "grid_sample_pack: a (B, C, H, W) CUDA tensor expected, got ",
+              input.sizes());
+  TORCH_CHECK(input.scalar_type() == torch::kFloat32, "grid_sample_pack: fp32 input expected, got ",
+              input.scalar_type());
+  const int max_channels = kMaxChannels;  // a copy: c10::str takes its arguments by reference
+  TORCH_CHECK(input.size(1) >= 1 && input.size(1) <= max_channels, "grid_sample_pack: 1 to ", max_channels,
+              " channels expected, got ", input.size(1));
+  TORCH_CHECK(input.is_contiguous(), "grid_sample_pack: an NCHW-contiguous input expected");
   const c10::cuda::CUDAGuard guard(input.device());
-  const int64_t B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t B = input.size(0), C = input.size(1), plane = input.size(2) * input.size(3);
+  auto packed = torch::empty({B, input.size(2), input.size(3), kMaxChannels}, input.options());
+  if (packed.numel() == 0) return packed;
+  pack_kernel<<<blocks_for(B * plane), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      input.data_ptr<float>(), reinterpret_cast<float4*>(packed.data_ptr<float>()), static_cast<int>(C), plane,
+      B * plane);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return packed;
+}
+
+// packed (B, H_in, W_in, 4), grid (B, H, W, 2) -> (B, channels, H, W) NCHW fp32.
+torch::Tensor forward(const torch::Tensor& packed, const torch::Tensor& grid, int64_t channels) {
+  const char* op = "grid_sample_packed_forward";
+  check_packed(packed, op);
+  check_grid(grid, packed, packed.size(0), op);
+  const int max_channels = kMaxChannels;
+  TORCH_CHECK(channels >= 1 && channels <= max_channels, op, ": 1 to ", max_channels, " channels expected, got ",
+              channels);
+  const c10::cuda::CUDAGuard guard(packed.device());
+  const int64_t B = packed.size(0), H = packed.size(1), W = packed.size(2);
   const int64_t HWo = grid.size(1) * grid.size(2), total = B * HWo;
-  auto out = torch::empty({B, C, grid.size(1), grid.size(2)}, input.options());
+  auto out = torch::empty({B, channels, grid.size(1), grid.size(2)}, packed.options());
   if (total == 0) return out;
   forward_kernel<<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      input.data_ptr<float>(), reinterpret_cast<const float2*>(grid.data_ptr<float>()), out.data_ptr<float>(),
-      static_cast<int>(C), static_cast<int>(H), static_cast<int>(W), HWo, total);
+      reinterpret_cast<const float4*>(packed.data_ptr<float>()), reinterpret_cast<const float2*>(grid.data_ptr<float>()),
+      out.data_ptr<float>(), static_cast<int>(channels), static_cast<int>(H), static_cast<int>(W), HWo, total);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
-// -> (grad_input or an empty tensor, grad_grid or an empty tensor)
-std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::Tensor& input, const torch::Tensor& grid,
+// -> (grad_input NCHW fp32 or an empty tensor, grad_grid or an empty tensor); the channel count is grad_out's.
+std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::Tensor& packed, const torch::Tensor& grid,
                                     bool need_input, bool need_grid) {
-  check_args(input, grid, "grid_sample_small_c_backward");
-  const int64_t B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == torch::kFloat32 &&
-                  grad_out.device() == input.device() &&
-                  grad_out.sizes() == torch::IntArrayRef({B, C, grid.size(1), grid.size(2)}),
-              "grid_sample_small_c_backward: grad_out must be NCHW-contiguous fp32 of shape ",
-              torch::IntArrayRef({B, C, grid.size(1), grid.size(2)}), ", got ", grad_out.sizes());
-  const c10::cuda::CUDAGuard guard(input.device());
+  const char* op = "grid_sample_packed_backward";
+  check_packed(packed, op);
+  check_grid(grid, packed, packed.size(0), op);
+  const int64_t B = packed.size(0), H = packed.size(1), W = packed.size(2);
+  const int max_channels = kMaxChannels;
+  TORCH_CHECK(grad_out.is_cuda() && grad_out.device() == packed.device() && grad_out.dim() == 4 &&
+                  grad_out.is_contiguous() && grad_out.scalar_type() == torch::kFloat32 && grad_out.size(0) == B &&
+                  grad_out.size(1) >= 1 && grad_out.size(1) <= max_channels && grad_out.size(2) == grid.size(1) &&
+                  grad_out.size(3) == grid.size(2),
+              op, ": grad_out must be NCHW-contiguous fp32 (", B, ", 1 to ", max_channels, ", ", grid.size(1), ", ",
+              grid.size(2), "), got ", grad_out.sizes(), " ", grad_out.scalar_type());
+  const int64_t C = grad_out.size(1);
+  const c10::cuda::CUDAGuard guard(packed.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t HWo = grid.size(1) * grid.size(2), total = B * HWo, plane = H * W, pixels = B * plane;
-  auto f32 = input.options();
-  torch::Tensor grad_input = need_input ? torch::empty_like(input) : torch::empty({0}, f32);  // unpack writes it all
+  const auto f32 = packed.options();
+  // grad_input: unpack writes every element; grad_grid: every thread writes its pixel's
+  torch::Tensor grad_input = need_input ? torch::empty({B, C, H, W}, f32) : torch::empty({0}, f32);
   torch::Tensor grad_grid = need_grid ? torch::empty_like(grid) : torch::empty({0}, f32);
-  if (total == 0 || pixels == 0 || !(need_input || need_grid)) {
+  if (total == 0 || pixels == 0) {
     if (need_input) grad_input.zero_();
     if (need_grid) grad_grid.zero_();
     return {grad_input, grad_grid};
   }
-  torch::Tensor packed, grad_packed;
-  if (need_grid) {  // the values the grid grad needs, one float4 per pixel
-    packed = torch::empty({B, H, W, kMaxChannels}, f32);
-    pack_kernel<<<blocks_for(pixels), kThreads, 0, stream>>>(input.data_ptr<float>(),
-                                                              reinterpret_cast<float4*>(packed.data_ptr<float>()),
-                                                              static_cast<int>(C), plane, pixels);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  if (need_input) grad_packed = torch::zeros({B, H, W, kMaxChannels}, f32);
-  auto* packed_ptr = need_grid ? reinterpret_cast<const float4*>(packed.data_ptr<float>()) : nullptr;
+  if (!(need_input || need_grid)) return {grad_input, grad_grid};
+  torch::Tensor grad_packed = need_input ? torch::zeros_like(packed) : torch::Tensor();
   auto* grad_packed_ptr = need_input ? reinterpret_cast<float4*>(grad_packed.data_ptr<float>()) : nullptr;
   auto* grad_grid_ptr = need_grid ? reinterpret_cast<float2*>(grad_grid.data_ptr<float>()) : nullptr;
-  auto* grid_ptr = reinterpret_cast<const float2*>(grid.data_ptr<float>());
   const auto launch = [&](auto kernel) {
-    kernel<<<blocks_for(total), kThreads, 0, stream>>>(grad_out.data_ptr<float>(), packed_ptr, grid_ptr,
-                                                        grad_packed_ptr, grad_grid_ptr, static_cast<int>(C),
-                                                        static_cast<int>(H), static_cast<int>(W), HWo, total);
+    kernel<<<blocks_for(total), kThreads, 0, stream>>>(
+        grad_out.data_ptr<float>(), reinterpret_cast<const float4*>(packed.data_ptr<float>()),
+        reinterpret_cast<const float2*>(grid.data_ptr<float>()), grad_packed_ptr, grad_grid_ptr, static_cast<int>(C),
+        static_cast<int>(H), static_cast<int>(W), HWo, total);
   };
   if (need_input && need_grid) launch(backward_kernel<true, true>);
   else if (need_input) launch(backward_kernel<true, false>);
   else launch(backward_kernel<false, true>);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (need_input) {
-    unpack_kernel<<<blocks_for(pixels), kThreads, 0, stream>>>(reinterpret_cast<const float4*>(grad_packed.data_ptr<float>()),
-                                                                grad_input.data_ptr<float>(), static_cast<int>(C),
-                                                                plane, pixels);
+    unpack_kernel<<<blocks_for(pixels), kThreads, 0, stream>>>(
+        reinterpret_cast<const float4*>(grad_packed.data_ptr<float>()), grad_input.data_ptr<float>(),
+        static_cast<int>(C), plane, pixels);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {grad_input, grad_grid};
@@ -247,8 +276,10 @@ std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ostnet-fast CUDA C++ kernels (optional; the Triton kernels cover every op without them)";
-  m.def("grid_sample_small_c_forward", &forward, "bilinear grid_sample, NCHW fp32, 1-4 channels",
-        py::arg("input"), py::arg("grid"));
-  m.def("grid_sample_small_c_backward", &backward, "its backward: (grad_input, grad_grid), empty where not needed",
-        py::arg("grad_out"), py::arg("input"), py::arg("grid"), py::arg("need_input"), py::arg("need_grid"));
+  m.def("grid_sample_pack", &pack, "NCHW fp32 (B, C<=4, H, W) -> (B, H, W, 4) fp32, zero-padded", py::arg("input"));
+  m.def("grid_sample_packed_forward", &forward, "bilinear grid_sample of a packed image -> (B, channels, H, W)",
+        py::arg("packed"), py::arg("grid"), py::arg("channels"));
+  m.def("grid_sample_packed_backward", &backward,
+        "its backward: (grad_input NCHW, grad_grid), each an empty tensor where not needed", py::arg("grad_out"),
+        py::arg("packed"), py::arg("grid"), py::arg("need_input"), py::arg("need_grid"));
 }

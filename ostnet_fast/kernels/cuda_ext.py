@@ -62,3 +62,20 @@ def grid_sample_applies(input: torch.Tensor, grid: torch.Tensor) -> bool:
     return (input.is_cuda and input.dtype == torch.float32 and grid.dtype == torch.float32
             and 1 <= input.shape[1] <= GRID_SAMPLE_MAX_CHANNELS and input.is_contiguous() and grid.is_contiguous()
             and grid.data_ptr() % 8 == 0 and enabled())
+
+
+def grid_sample_pack(input: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H, W, 4) fp32, zeros past C: what the forward and the grid grad gather from."""
+    return module().grid_sample_pack(input)
+
+
+def grid_sample_forward(packed: torch.Tensor, grid: torch.Tensor, channels: int) -> torch.Tensor:
+    return module().grid_sample_packed_forward(packed, grid, channels)
+
+
+def grid_sample_backward(grad_out: torch.Tensor, packed: torch.Tensor, grid: torch.Tensor, need_input: bool,
+                         need_grid: bool):
+    """-> (grad_input (B, C, H_in, W_in) NCHW fp32 or None, grad_grid or None); C is grad_out's."""
+    gin, ggrid = module().grid_sample_packed_backward(grad_out.contiguous().float(), packed, grid, need_input,
+                                                       need_grid)
+    return (gin if need_input else None), (ggrid if need_grid else None)

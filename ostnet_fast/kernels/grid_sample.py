@@ -33,7 +33,8 @@ Triton path (what is fused, and the design limits):
   Not twice differentiable (backward is once_differentiable).
 - NCHW fp32 images of 1-4 channels take the optional CUDA C++ extension where it is built (cuda_ext.py,
   csrc/ext/grid_sample_small_c.cu): a channels-last copy padded to 4 channels, one float4 gather and one
-  float4 atomic per tap, which Triton's NCHW kernel does not express.
+  float4 atomic per tap. Eagerly the copy is made once in the forward and saved for the backward (4/3 of
+  the input's memory, in place of the input); the custom ops (torch.compile) make it in each pass.
 """
 from __future__ import annotations
 
@@ -140,7 +141,7 @@ def _prepare(input: torch.Tensor, grid: torch.Tensor):
 def _grid_sample_fwd(input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """input (B, C, H_in, W_in) NCHW/channels-last, grid (B, H, W, 2) contiguous -> (B, C, H, W)."""
     if cuda_ext.grid_sample_applies(input, grid):
-        return cuda_ext.module().grid_sample_small_c_forward(input, grid)
+        return cuda_ext.grid_sample_forward(cuda_ext.grid_sample_pack(input), grid, input.shape[1])
     b, c, h_in, w_in = input.shape
     _, h, w, _ = grid.shape
     cl = tu.is_channels_last(input)
@@ -166,9 +167,7 @@ def _grid_sample_bwd(grad_out: torch.Tensor, input: torch.Tensor, grid: torch.Te
                      need_grid: bool):
     """-> (grad_input or None, grad_grid or None)."""
     if cuda_ext.grid_sample_applies(input, grid):
-        gin, ggrid = cuda_ext.module().grid_sample_small_c_backward(
-            grad_out.contiguous().to(input.dtype), input, grid, need_input, need_grid)
-        return (gin if need_input else None), (ggrid if need_grid else None)
+        return cuda_ext.grid_sample_backward(grad_out, cuda_ext.grid_sample_pack(input), grid, need_input, need_grid)
     b, c, h_in, w_in = input.shape
     _, h, w, _ = grid.shape
     cl = tu.is_channels_last(input)
@@ -224,17 +223,24 @@ class GridSampleFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         input, grid = _prepare(input, grid)
+        ctx.packed = cuda_ext.grid_sample_applies(input, grid)
+        if ctx.packed:  # the extension's packed copy serves the forward and is kept for the backward
+            packed = cuda_ext.grid_sample_pack(input)
+            ctx.save_for_backward(packed, grid)
+            return cuda_ext.grid_sample_forward(packed, grid, input.shape[1])
         ctx.save_for_backward(input, grid)
         return _grid_sample_fwd(input, grid)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        input, grid = ctx.saved_tensors
+        saved, grid = ctx.saved_tensors
         need_input, need_grid = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_input or need_grid):
             return None, None
-        return _grid_sample_bwd(grad_out, input, grid, need_input, need_grid)
+        if ctx.packed:
+            return cuda_ext.grid_sample_backward(grad_out, saved, grid, need_input, need_grid)
+        return _grid_sample_bwd(grad_out, saved, grid, need_input, need_grid)
 
 
 # The same kernels as custom ops, for torch.compile: opaque to dynamo, so inductor compiles the code around
