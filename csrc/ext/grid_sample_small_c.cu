@@ -68,8 +68,31 @@ __device__ __forceinline__ float4 load_pixel(const float4* p, bool valid) {
   return valid ? __ldg(p) : make_float4(0.f, 0.f, 0.f, 0.f);
 }
 
-// out[b, c, p] = sum of the 4 taps' weights times the packed image at the tap, for the first C lanes.
-__global__ void forward_kernel(const float4* __restrict__ packed, const float2* __restrict__ grid,
+// out[b, c, p] = sum of the 4 taps' weights times in[b, c, tap], read from the NCHW planes.
+__global__ void forward_kernel(const float* __restrict__ in, const float2* __restrict__ grid, float* __restrict__ out,
+                               int C, int H, int W, int64_t HWo, int64_t total) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= total) return;
+  const int64_t b = i / HWo, p = i - b * HWo;
+  const Taps t = bilinear_taps(grid[i], H, W);
+  const float wx0 = 1.f - t.wx1, wy0 = 1.f - t.wy1;
+  const int64_t plane = static_cast<int64_t>(H) * W;
+  const float* src = in + b * C * plane + static_cast<int64_t>(t.y0) * W + t.x0;  // read only at valid taps
+  float* dst = out + b * C * HWo + p;
+#pragma unroll
+  for (int c = 0; c < kMaxChannels; ++c) {
+    if (c >= C) break;
+    const float* s = src + c * plane;
+    const float v00 = t.m00 ? __ldg(s) : 0.f;
+    const float v01 = t.m01 ? __ldg(s + 1) : 0.f;
+    const float v10 = t.m10 ? __ldg(s + W) : 0.f;
+    const float v11 = t.m11 ? __ldg(s + W + 1) : 0.f;
+    dst[c * HWo] = wy0 * (wx0 * v00 + t.wx1 * v01) + t.wy1 * (wx0 * v10 + t.wx1 * v11);
+  }
+}
+
+// The same from the packed image: one float4 gather per tap.
+__global__ void packed_forward_kernel(const float4* __restrict__ packed, const float2* __restrict__ grid,
                                float* __restrict__ out, int C, int H, int W, int64_t HWo, int64_t total) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= total) return;
@@ -162,13 +185,26 @@ __global__ void backward_kernel(const float* __restrict__ grad_out, const float4
 
 unsigned int blocks_for(int64_t n) { return static_cast<unsigned int>((n + kThreads - 1) / kThreads); }
 
+// Argument checks. The Python side (ostnet_fast/kernels/cuda_ext.py) calls these functions only for inputs
+// they accept, so these are backstops. Their messages are literals: on the GPU machine's image, an integer
+// streamed into a TORCH_CHECK message crashed the process (segfault while formatting; seen twice, cause not
+// established: likely the compiler's libstdc++ against the one loaded at run time).
 void check_grid(const torch::Tensor& grid, const torch::Tensor& like, int64_t batch, const char* op) {
-  TORCH_CHECK(grid.is_cuda() && grid.device() == like.device(), op, ": grid must be on ", like.device());
-  TORCH_CHECK(grid.dim() == 4 && grid.size(3) == 2 && grid.size(0) == batch, op, ": grid must be (", batch,
-              ", H, W, 2), got ", grid.sizes());
+  TORCH_CHECK(grid.is_cuda() && grid.device() == like.device(), op, ": grid on another device");
+  TORCH_CHECK(grid.dim() == 4 && grid.size(3) == 2 && grid.size(0) == batch, op,
+              ": grid must be (B, H, W, 2) with the input's batch");
   TORCH_CHECK(grid.scalar_type() == torch::kFloat32 && grid.is_contiguous(), op, ": contiguous fp32 grid expected");
   // float2 loads of the grid need 8-byte alignment (a view at an odd offset is not)
   TORCH_CHECK(reinterpret_cast<uintptr_t>(grid.data_ptr()) % alignof(float2) == 0, op, ": grid not 8-byte aligned");
+}
+
+// NCHW-contiguous fp32 CUDA (B, C, H, W) with C in 1..4.
+void check_image(const torch::Tensor& input, const char* op) {
+  TORCH_CHECK(input.is_cuda() && input.dim() == 4, op, ": a (B, C, H, W) CUDA tensor expected");
+  TORCH_CHECK(input.scalar_type() == torch::kFloat32, op, ": fp32 input expected");
+  TORCH_CHECK(input.size(1) >= 1 && input.size(1) <= kMaxChannels, op, ": 1 to 4 channels expected");
+  TORCH_CHECK(input.is_contiguous(), op, ": an NCHW-contiguous input expected");
+  TORCH_CHECK(input.size(2) < (1 << 30) && input.size(3) < (1 << 30), op, ": image too large");
 }
 
 // A (B, H, W, 4) fp32 tensor made by pack().
@@ -176,21 +212,13 @@ void check_packed(const torch::Tensor& packed, const char* op) {
   TORCH_CHECK(packed.is_cuda() && packed.dim() == 4 && packed.size(3) == kMaxChannels &&
                   packed.scalar_type() == torch::kFloat32 && packed.is_contiguous() &&
                   reinterpret_cast<uintptr_t>(packed.data_ptr()) % alignof(float4) == 0,
-              op, ": packed must be the contiguous (B, H, W, 4) fp32 CUDA tensor grid_sample_pack returns, got ",
-              packed.sizes(), " ", packed.scalar_type());
+              op, ": packed must be the contiguous (B, H, W, 4) fp32 CUDA tensor grid_sample_pack returns");
   TORCH_CHECK(packed.size(1) < (1 << 30) && packed.size(2) < (1 << 30), op, ": image too large");
 }
 
 // NCHW fp32 (B, C, H, W), C in 1..4 -> (B, H, W, 4) fp32, zeros in the lanes past C.
 torch::Tensor pack(const torch::Tensor& input) {
-  TORCH_CHECK(input.is_cuda() && input.dim() == 4, "grid_sample_pack: a (B, C, H, W) CUDA tensor expected, got ",
-              input.sizes());
-  TORCH_CHECK(input.scalar_type() == torch::kFloat32, "grid_sample_pack: fp32 input expected, got ",
-              input.scalar_type());
-  const int max_channels = kMaxChannels;  // a copy: c10::str takes its arguments by reference
-  TORCH_CHECK(input.size(1) >= 1 && input.size(1) <= max_channels, "grid_sample_pack: 1 to ", max_channels,
-              " channels expected, got ", input.size(1));
-  TORCH_CHECK(input.is_contiguous(), "grid_sample_pack: an NCHW-contiguous input expected");
+  check_image(input, "grid_sample_pack");
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t B = input.size(0), C = input.size(1), plane = input.size(2) * input.size(3);
   auto packed = torch::empty({B, input.size(2), input.size(3), kMaxChannels}, input.options());
@@ -202,20 +230,37 @@ torch::Tensor pack(const torch::Tensor& input) {
   return packed;
 }
 
+// input (B, C, H_in, W_in) NCHW, grid (B, H, W, 2) -> (B, C, H, W) NCHW fp32, gathering from the NCHW planes:
+// for calls that need no backward (a pack would cost a pass over the image, and with smooth warps the
+// planes' gathers coalesce anyway).
+torch::Tensor forward(const torch::Tensor& input, const torch::Tensor& grid) {
+  const char* op = "grid_sample_forward";
+  check_image(input, op);
+  check_grid(grid, input, input.size(0), op);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t HWo = grid.size(1) * grid.size(2), total = B * HWo;
+  auto out = torch::empty({B, C, grid.size(1), grid.size(2)}, input.options());
+  if (total == 0) return out;
+  forward_kernel<<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      input.data_ptr<float>(), reinterpret_cast<const float2*>(grid.data_ptr<float>()), out.data_ptr<float>(),
+      static_cast<int>(C), static_cast<int>(H), static_cast<int>(W), HWo, total);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 // packed (B, H_in, W_in, 4), grid (B, H, W, 2) -> (B, channels, H, W) NCHW fp32.
-torch::Tensor forward(const torch::Tensor& packed, const torch::Tensor& grid, int64_t channels) {
+torch::Tensor packed_forward(const torch::Tensor& packed, const torch::Tensor& grid, int64_t channels) {
   const char* op = "grid_sample_packed_forward";
   check_packed(packed, op);
   check_grid(grid, packed, packed.size(0), op);
-  const int max_channels = kMaxChannels;
-  TORCH_CHECK(channels >= 1 && channels <= max_channels, op, ": 1 to ", max_channels, " channels expected, got ",
-              channels);
+  TORCH_CHECK(channels >= 1 && channels <= kMaxChannels, op, ": 1 to 4 channels expected");
   const c10::cuda::CUDAGuard guard(packed.device());
   const int64_t B = packed.size(0), H = packed.size(1), W = packed.size(2);
   const int64_t HWo = grid.size(1) * grid.size(2), total = B * HWo;
   auto out = torch::empty({B, channels, grid.size(1), grid.size(2)}, packed.options());
   if (total == 0) return out;
-  forward_kernel<<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  packed_forward_kernel<<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const float4*>(packed.data_ptr<float>()), reinterpret_cast<const float2*>(grid.data_ptr<float>()),
       out.data_ptr<float>(), static_cast<int>(channels), static_cast<int>(H), static_cast<int>(W), HWo, total);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -229,13 +274,11 @@ std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::
   check_packed(packed, op);
   check_grid(grid, packed, packed.size(0), op);
   const int64_t B = packed.size(0), H = packed.size(1), W = packed.size(2);
-  const int max_channels = kMaxChannels;
   TORCH_CHECK(grad_out.is_cuda() && grad_out.device() == packed.device() && grad_out.dim() == 4 &&
                   grad_out.is_contiguous() && grad_out.scalar_type() == torch::kFloat32 && grad_out.size(0) == B &&
-                  grad_out.size(1) >= 1 && grad_out.size(1) <= max_channels && grad_out.size(2) == grid.size(1) &&
+                  grad_out.size(1) >= 1 && grad_out.size(1) <= kMaxChannels && grad_out.size(2) == grid.size(1) &&
                   grad_out.size(3) == grid.size(2),
-              op, ": grad_out must be NCHW-contiguous fp32 (", B, ", 1 to ", max_channels, ", ", grid.size(1), ", ",
-              grid.size(2), "), got ", grad_out.sizes(), " ", grad_out.scalar_type());
+              op, ": grad_out must be NCHW-contiguous fp32 (B, 1 to 4 channels, H, W) matching the grid");
   const int64_t C = grad_out.size(1);
   const c10::cuda::CUDAGuard guard(packed.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -276,8 +319,10 @@ std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ostnet-fast CUDA C++ kernels (optional; the Triton kernels cover every op without them)";
+  m.def("grid_sample_forward", &forward, "bilinear grid_sample, NCHW fp32 with 1-4 channels -> NCHW",
+        py::arg("input"), py::arg("grid"));
   m.def("grid_sample_pack", &pack, "NCHW fp32 (B, C<=4, H, W) -> (B, H, W, 4) fp32, zero-padded", py::arg("input"));
-  m.def("grid_sample_packed_forward", &forward, "bilinear grid_sample of a packed image -> (B, channels, H, W)",
+  m.def("grid_sample_packed_forward", &packed_forward, "grid_sample of a packed image -> (B, channels, H, W)",
         py::arg("packed"), py::arg("grid"), py::arg("channels"));
   m.def("grid_sample_packed_backward", &backward,
         "its backward: (grad_input NCHW, grad_grid), each an empty tensor where not needed", py::arg("grad_out"),

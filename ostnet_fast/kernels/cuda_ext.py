@@ -69,7 +69,12 @@ def grid_sample_pack(input: torch.Tensor) -> torch.Tensor:
     return module().grid_sample_pack(input)
 
 
-def grid_sample_forward(packed: torch.Tensor, grid: torch.Tensor, channels: int) -> torch.Tensor:
+def grid_sample_forward(input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Gathering from the NCHW planes: for calls with no backward to come (no pack)."""
+    return module().grid_sample_forward(input, grid)
+
+
+def grid_sample_packed_forward(packed: torch.Tensor, grid: torch.Tensor, channels: int) -> torch.Tensor:
     return module().grid_sample_packed_forward(packed, grid, channels)
 
 

@@ -33,8 +33,9 @@ Triton path (what is fused, and the design limits):
   Not twice differentiable (backward is once_differentiable).
 - NCHW fp32 images of 1-4 channels take the optional CUDA C++ extension where it is built (cuda_ext.py,
   csrc/ext/grid_sample_small_c.cu): a channels-last copy padded to 4 channels, one float4 gather and one
-  float4 atomic per tap. Eagerly the copy is made once in the forward and saved for the backward (4/3 of
-  the input's memory, in place of the input); the custom ops (torch.compile) make it in each pass.
+  float4 atomic per tap. Eagerly, when a backward is to come, the copy is made once in the forward and
+  saved for the backward (4/3 of the input's memory, in place of the input); the custom ops
+  (torch.compile) make it in the backward. A forward with no backward to come gathers from the NCHW planes.
 """
 from __future__ import annotations
 
@@ -141,7 +142,7 @@ def _prepare(input: torch.Tensor, grid: torch.Tensor):
 def _grid_sample_fwd(input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """input (B, C, H_in, W_in) NCHW/channels-last, grid (B, H, W, 2) contiguous -> (B, C, H, W)."""
     if cuda_ext.grid_sample_applies(input, grid):
-        return cuda_ext.grid_sample_forward(cuda_ext.grid_sample_pack(input), grid, input.shape[1])
+        return cuda_ext.grid_sample_forward(input, grid)
     b, c, h_in, w_in = input.shape
     _, h, w, _ = grid.shape
     cl = tu.is_channels_last(input)
@@ -223,11 +224,11 @@ class GridSampleFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         input, grid = _prepare(input, grid)
-        ctx.packed = cuda_ext.grid_sample_applies(input, grid)
+        ctx.packed = any(ctx.needs_input_grad) and cuda_ext.grid_sample_applies(input, grid)
         if ctx.packed:  # the extension's packed copy serves the forward and is kept for the backward
             packed = cuda_ext.grid_sample_pack(input)
             ctx.save_for_backward(packed, grid)
-            return cuda_ext.grid_sample_forward(packed, grid, input.shape[1])
+            return cuda_ext.grid_sample_packed_forward(packed, grid, input.shape[1])
         ctx.save_for_backward(input, grid)
         return _grid_sample_fwd(input, grid)
 

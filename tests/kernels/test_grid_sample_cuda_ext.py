@@ -69,9 +69,13 @@ def _fake_module(calls):
     def unpacked(packed, channels):
         return packed[..., :channels].permute(0, 3, 1, 2)
 
-    def forward(packed, grid, channels):
-        calls.append("forward")
+    def packed_forward(packed, grid, channels):
+        calls.append("packed_forward")
         return gs.grid_sample_reference(unpacked(packed, channels).double(), grid.double()).float()
+
+    def forward(input, grid):
+        calls.append("forward")
+        return gs.grid_sample_reference(input.double(), grid.double()).float()
 
     def backward(grad_out, packed, grid, need_input, need_grid):
         calls.append(("backward", need_input, need_grid))
@@ -79,8 +83,8 @@ def _fake_module(calls):
         _, gx, gg = _reference(unpacked(packed, grad_out.shape[1]), grid, grad_out)
         return (gx.float() if need_input else packed.new_empty(0)), (gg.float() if need_grid else grid.new_empty(0))
 
-    return types.SimpleNamespace(grid_sample_pack=pack, grid_sample_packed_forward=forward,
-                                 grid_sample_packed_backward=backward)
+    return types.SimpleNamespace(grid_sample_forward=forward, grid_sample_pack=pack,
+                                 grid_sample_packed_forward=packed_forward, grid_sample_packed_backward=backward)
 
 
 @triton_run
@@ -99,15 +103,27 @@ def test_grid_sample_routes_through_the_extension(monkeypatch, need):
     leaves = [t for t in (x, grid) if t.requires_grad]
     grads = torch.autograd.grad(out, leaves, upstream)
     ref_out, ref_gx, ref_gg = _reference(x, grid, upstream)
-    assert calls == ["pack", "forward", ("backward", x.requires_grad, grid.requires_grad)]  # one pack
+    assert calls == ["pack", "packed_forward", ("backward", x.requires_grad, grid.requires_grad)]  # one pack
     torch.testing.assert_close(out, ref_out.float())
     for leaf, g in zip(leaves, grads):
         torch.testing.assert_close(g, (ref_gx if leaf is x else ref_gg).float())
 
 
 @triton_run
+def test_no_grad_forward_does_not_pack(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cuda_ext, "module", lambda: _fake_module(calls))
+    monkeypatch.setattr(cuda_ext, "grid_sample_applies", lambda input, grid: True)
+    x, grid = _inputs((2, 3, 7, 9), (5, 6), "cpu")
+    out = gs.grid_sample(x, grid, impl="triton")
+    assert calls == ["forward"]
+    torch.testing.assert_close(out, gs.grid_sample_reference(x.double(), grid.double()).float())
+
+
+@triton_run
 def test_custom_op_backward_routes_through_the_extension(monkeypatch):
-    """torch.compile's path: the backward op gets the input, not the packed copy, and packs it itself."""
+    """torch.compile's path: the forward op gathers from the planes; the backward op gets the input, not a
+    packed copy, and packs it itself."""
     calls = []
     monkeypatch.setattr(cuda_ext, "module", lambda: _fake_module(calls))
     monkeypatch.setattr(cuda_ext, "grid_sample_applies", lambda input, grid: True)
@@ -116,7 +132,7 @@ def test_custom_op_backward_routes_through_the_extension(monkeypatch):
     out = gs._grid_sample_fwd(x, grid)
     gx, gg = gs._grid_sample_bwd(upstream, x, grid, True, True)
     ref_out, ref_gx, ref_gg = _reference(x, grid, upstream)
-    assert calls == ["pack", "forward", "pack", ("backward", True, True)]
+    assert calls == ["forward", "pack", ("backward", True, True)]
     torch.testing.assert_close(out, ref_out.float())
     torch.testing.assert_close(gx, ref_gx.float())
     torch.testing.assert_close(gg, ref_gg.float())
@@ -174,6 +190,26 @@ def test_gpu_matches_reference(in_shape, out_hw, exact):
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
         torch.testing.assert_close(gx, ref_gx, atol=8e-5, rtol=2e-5)
         torch.testing.assert_close(gg, ref_gg, atol=1e-4 * ref_gg.abs().max().item(), rtol=1e-3)
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("in_shape,out_hw,exact", GPU_SHAPES)
+def test_gpu_forward_without_grad_and_custom_op_backward(in_shape, out_hw, exact):
+    """The other two entries: a forward with no backward to come (the NCHW-plane kernel, no pack), and the
+    backward that torch.compile's custom op calls (it packs the input itself)."""
+    x, grid = _inputs(in_shape, out_hw, "cuda", seed=in_shape[1] + 1)
+    _poison_allocator()
+    with torch.no_grad():
+        out = gs.grid_sample(x, grid, impl="triton")
+    upstream = torch.randn_like(out)
+    gx, gg = gs._grid_sample_bwd(upstream, x, grid, True, True)
+    ref, ref_gx, ref_gg = _reference(x, grid, upstream)
+    tol = 1e-5 if exact else 2e-5
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    if exact:
+        torch.testing.assert_close(gx.double(), ref_gx, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gg.double(), ref_gg, atol=1e-5 * ref_gg.abs().max().item(), rtol=1e-4)
 
 
 @pytest.mark.gpu
@@ -246,6 +282,10 @@ def test_gpu_bad_arguments_raise():
         ext.grid_sample_pack(torch.zeros(1, 5, 4, 4, device="cuda"))
     with pytest.raises(RuntimeError, match="contiguous"):
         ext.grid_sample_pack(x.transpose(2, 3))
+    with pytest.raises(RuntimeError, match="1 to 4 channels"):
+        ext.grid_sample_forward(torch.zeros(1, 5, 4, 4, device="cuda"), grid)
+    with pytest.raises(RuntimeError, match="grid must be"):
+        ext.grid_sample_forward(x, grid[:, :, :, :1].contiguous())
     with pytest.raises(RuntimeError, match="packed must be"):
         ext.grid_sample_packed_forward(x, grid, 3)
     with pytest.raises(RuntimeError, match="1 to 4 channels"):
