@@ -1,8 +1,11 @@
-"""Where the z-conv blocks that miss 1.5x in training spend their time: torch.profiler's CUDA kernels of one
-forward + backward, ours (eager fused) and the unfused eager block, batch 8; and the up block's convolution
-alone in its two forms (3x3 on the upsampled map, 2x2 sub-pixel on the small one).
+"""Where the time goes, kernel by kernel (torch.profiler, CUDA kernels of one call, mean of 10):
+- grid_sample forward + backward on 3-channel fp32 images, batch 8 (CUDA extension, Triton, PyTorch), random
+  and smooth grids;
+- the z-conv blocks that miss 1.5x in training: one forward + backward, ours (eager fused) and the unfused
+  eager block, batch 8; and the up block's convolution alone in its two forms (3x3 on the upsampled map,
+  2x2 sub-pixel on the small one).
 
-    PYTHONPATH=. python3 bench/results/h200-2026-12-01-s13/zconv_profile.py > zconv_profile.txt
+    PYTHONPATH=. python3 bench/results/h200-2026-12-01-s13/kernel_profiles.py > kernel_profiles.txt
 """
 import importlib
 
@@ -10,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from ostnet_fast.kernels import cuda_ext  # noqa: E402
+
 zc = importlib.import_module("ostnet_fast.kernels.zconv")
+gs = importlib.import_module("ostnet_fast.kernels.grid_sample")
 c2 = importlib.import_module("ostnet_fast.kernels.conv2d")
 DEV = "cuda"
 ITERS = 10
@@ -60,6 +66,34 @@ def block(mode, cin, cout, hw, dtype):
         kernels(step(lambda: c2.subpixel_conv3x3(xs, w)), f"conv 2x2 sub-pixel on the small map {label}")
 
 
+def grid_sample(shape, smooth):
+    torch.manual_seed(0)
+    b, _, h, w = shape
+    x = (torch.rand(shape, device=DEV) * 2 - 1).requires_grad_(True)
+    if smooth:
+        eye = torch.eye(2, 3, device=DEV).expand(b, 2, 3)
+        bumps = F.interpolate(torch.randn(b, 2, 8, 8, device=DEV), size=(h, w), mode="bilinear", align_corners=True)
+        grid = F.affine_grid(eye, (b, 1, h, w), align_corners=True) + 0.03 * bumps.permute(0, 2, 3, 1)
+    else:
+        grid = 1.1 * (torch.rand(b, h, w, 2, device=DEV) * 2 - 1)
+    grid = grid.contiguous().requires_grad_(True)
+    g = torch.randn(shape, device=DEV)
+
+    def run(fn):
+        def step():
+            torch.autograd.backward(fn(), g)
+            x.grad = grid.grad = None
+        return step
+    label = f"grid_sample {tuple(shape)} {'smooth' if smooth else 'random'} fp32 fwd+bwd"
+    kernels(run(lambda: gs.grid_sample(x, grid, impl="triton")), f"CUDA ext  {label}")
+    with cuda_ext.turned_off():
+        kernels(run(lambda: gs.grid_sample(x, grid, impl="triton")), f"Triton    {label}")
+    kernels(run(lambda: F.grid_sample(x, grid, align_corners=True)), f"PyTorch   {label}")
+
+
+for shape in ((8, 3, 256, 256), (128, 3, 64, 64)):
+    for smooth in (False, True):
+        grid_sample(shape, smooth)
 for dtype in (torch.float32, torch.float16):
     block("up", 512, 256, 32, dtype)
     block("down", 256, 512, 64, dtype)
