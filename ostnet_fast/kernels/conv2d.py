@@ -415,30 +415,35 @@ def subpixel_weights(weight: torch.Tensor) -> torch.Tensor:
 def subpixel_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """upsampled_conv3x3 as one convolution on x itself: the four output parities' 2x2 kernels stacked as
     4 C_out channels, padding 1, so parity (py, px)'s output (i, j) sits at (i + py, j + px); then the
-    parities are interleaved (SubpixelInterleaveFn), in x's memory format. The same sums as the upsampled
-    convolution (the weights of taps that land on the same input pixel are added first)."""
+    parities are interleaved (SubpixelInterleaveFn) into x's memory format. The same sums as the upsampled
+    convolution (the weights of taps that land on the same input pixel are added first).
+
+    The convolution runs channels-last whatever x's layout: cuDNN's Hopper kernels are NHWC and transposed
+    an NCHW input, output and grads inside each of the forward, input-grad and weight-grad convolutions
+    (9 transposes, ~170 us of 1.32 ms for up 512 -> 256 on 32x32, batch 8, fp32, H200); here x is copied
+    once, and the interleave, a strided copy anyway, writes the output's layout."""
     _, _, h, w = x.shape
     k = subpixel_weights(weight.to(torch.promote_types(weight.dtype, torch.float32))).to(x.dtype)  # sums in fp32
-    if tu.is_channels_last(x):
-        k = k.contiguous(memory_format=torch.channels_last)
-    return SubpixelInterleaveFn.apply(F.conv2d(x, k, None, padding=1), h, w)
+    cl = torch.channels_last
+    q = F.conv2d(x.contiguous(memory_format=cl), k.contiguous(memory_format=cl), None, padding=1)
+    return SubpixelInterleaveFn.apply(q, h, w, tu.is_channels_last(x))
 
 
 class SubpixelInterleaveFn(torch.autograd.Function):
-    """(B, 4 C_out, H + 1, W + 1) parity planes, channel 4 o + 2 py + px -> (B, C_out, 2H, 2W) in the planes'
-    memory format: out[2 i + py, 2 j + px] = q[4 o + 2 py + px][i + py, j + px]. Four strided copies each
-    way. Autograd of the same slicing and stacking zero-fills a gradient of q's full size per parity and adds
-    them up: on the H200 (up 512 -> 256 on 32x32, batch 8, fp32) 18 copies, 13 fills and 19 adds took
-    ~340 us of the block's 1.32 ms forward + backward."""
+    """(B, 4 C_out, H + 1, W + 1) parity planes, channel 4 o + 2 py + px -> (B, C_out, 2H, 2W), channels-last
+    or not: out[2 i + py, 2 j + px] = q[4 o + 2 py + px][i + py, j + px]. Four strided copies each way, the
+    grad in q's memory format. Autograd of the same slicing and stacking zero-fills a gradient of q's full
+    size per parity and adds them up: on the H200 (up 512 -> 256 on 32x32, batch 8, fp32) 18 copies,
+    13 fills and 19 adds took ~340 us of the block's 1.32 ms forward + backward."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, h: int, w: int, channels_last: bool) -> torch.Tensor:
         b, c4 = q.shape[:2]
-        fmt = tu.memory_format(tu.is_channels_last(q))
-        out = torch.empty(b, c4 // 4, 2 * h, 2 * w, device=q.device, dtype=q.dtype, memory_format=fmt)
+        out = torch.empty(b, c4 // 4, 2 * h, 2 * w, device=q.device, dtype=q.dtype,
+                          memory_format=tu.memory_format(channels_last))
         for src, dst in _parities(q, out, h, w):
             dst.copy_(src)
-        ctx.hw, ctx.fmt = (h, w), fmt
+        ctx.hw, ctx.fmt = (h, w), tu.memory_format(tu.is_channels_last(q))
         return out
 
     @staticmethod
@@ -452,7 +457,7 @@ class SubpixelInterleaveFn(torch.autograd.Function):
                              memory_format=ctx.fmt).zero_()
         for dst, src in _parities(grad_q, grad_out, h, w):
             dst.copy_(src)
-        return grad_q, None, None
+        return grad_q, None, None, None
 
 
 def _parities(q: torch.Tensor, out: torch.Tensor, h: int, w: int):

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._dispatch import forced, use_triton
-from .conv2d import _inference, conv2d, conv2d_module, from_block, upsampled_conv3x3
+from .conv2d import conv2d, conv2d_module, from_block, upsampled_conv3x3
 
 from ._triton_utils import HAS_TRITON, tl, triton  # one import guard for every kernel
 
@@ -886,14 +886,6 @@ def _log_once(why: str) -> None:
 
 
 def _zconv_block_triton(x, zb, conv: nn.Conv2d, norm: nn.BatchNorm2d, mode: str, impl: str) -> torch.Tensor:
-    if x.is_cuda and not _channels_last(x) and not _inference(*(t for t in (x, zb, conv.weight) if t is not None)):
-        # Training on NCHW: cuDNN's Hopper convolutions are NHWC, so it transposes inside each of the three
-        # (forward, input grad, weight grad): 9 transposes, ~190 us of the 1.4 ms forward + backward of a
-        # down 256 -> 512 block on 64x64 (H200, batch 8, fp32). The block runs channels-last instead: one
-        # copy of x in, one of the output back (and their grads).
-        xc = x.contiguous(memory_format=torch.channels_last)
-        if _channels_last(xc):  # not for 1x1 maps, where the two layouts are one
-            return _zconv_block_triton(xc, zb, conv, norm, mode, impl).contiguous()
     # (B, C_out, Hc, Wc), no bias, no zb: cuDNN, or the split-K kernel on small maps at inference; an up
     # block's on the low-resolution map where its output is large (conv2d.upsampled_conv3x3)
     if mode == "up":

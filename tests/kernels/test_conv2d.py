@@ -282,8 +282,8 @@ def test_subpixel_conv3x3_is_the_upsampled_convolution(shape, channels_last):
     out = kc.subpixel_conv3x3(*leaves)
     ref = F.conv2d(F.interpolate(ref_leaves[0], scale_factor=2), ref_leaves[1], padding=1)
     assert out.shape == ref.shape
-    if tu.is_channels_last(x):
-        assert tu.is_channels_last(out)
+    if h * w > 1:
+        assert tu.is_channels_last(out) == channels_last  # x's layout (the conv itself runs channels-last)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     upstream = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     (out * upstream).sum().backward()
@@ -295,18 +295,19 @@ def test_subpixel_conv3x3_is_the_upsampled_convolution(shape, channels_last):
 @pytest.mark.parametrize("shape", [(2, 8, 3, 5), (1, 8, 1, 1), (3, 12, 4, 2)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_subpixel_interleave_gradcheck(shape, channels_last):
-    """The interleave's hand-written backward (four copies into a zeroed grad) against finite differences;
-    the grad comes back in q's memory format, whatever the upstream grad's."""
+    """The interleave's hand-written backward (four copies into a zeroed grad) against finite differences,
+    into either layout; the grad comes back in q's memory format, whatever the upstream grad's."""
     b, c4, h, w = shape
     q = torch.randn(b, c4, h + 1, w + 1, dtype=torch.float64)
     if channels_last:
         q = q.contiguous(memory_format=torch.channels_last)
     q.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda t: kc.SubpixelInterleaveFn.apply(t, h, w), (q,))
-    out = kc.SubpixelInterleaveFn.apply(q, h, w)
-    assert out.shape == (b, c4 // 4, 2 * h, 2 * w) and tu.is_channels_last(out) == tu.is_channels_last(q)
-    (g,) = torch.autograd.grad(out, q, torch.randn(out.shape, dtype=torch.float64))  # NCHW upstream
-    assert tu.is_channels_last(g) == tu.is_channels_last(q)
+    for out_cl in (False, True):
+        assert torch.autograd.gradcheck(lambda t: kc.SubpixelInterleaveFn.apply(t, h, w, out_cl), (q,))
+        out = kc.SubpixelInterleaveFn.apply(q, h, w, out_cl)
+        assert out.shape == (b, c4 // 4, 2 * h, 2 * w) and tu.is_channels_last(out) == out_cl
+        (g,) = torch.autograd.grad(out, q, torch.randn(out.shape, dtype=torch.float64))  # NCHW upstream
+        assert tu.is_channels_last(g) == tu.is_channels_last(q)
 
 
 def test_upsampled_conv3x3_dispatch(monkeypatch):
