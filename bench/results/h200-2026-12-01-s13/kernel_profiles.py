@@ -5,9 +5,10 @@
   eager block, batch 8; and the up block's convolution alone in its two forms (3x3 on the upsampled map,
   2x2 sub-pixel on the small one).
 
-    PYTHONPATH=. python3 bench/results/h200-2026-12-01-s13/kernel_profiles.py > kernel_profiles.txt
+    PYTHONPATH=. python3 bench/results/h200-2026-12-01-s13/kernel_profiles.py [grid_sample] [zconv] > kernel_profiles.txt
 """
 import importlib
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -91,9 +92,12 @@ def grid_sample(shape, smooth):
     kernels(run(lambda: F.grid_sample(x, grid, align_corners=True)), f"PyTorch   {label}")
 
 
-for shape in ((8, 3, 256, 256), (128, 3, 64, 64)):
-    for smooth in (False, True):
-        grid_sample(shape, smooth)
-for dtype in (torch.float32, torch.float16):
-    block("up", 512, 256, 32, dtype)
-    block("down", 256, 512, 64, dtype)
+sections = sys.argv[1:] or ["grid_sample", "zconv"]
+if "grid_sample" in sections:
+    for shape in ((8, 3, 256, 256), (128, 3, 64, 64)):
+        for smooth in (False, True):
+            grid_sample(shape, smooth)
+if "zconv" in sections:
+    for dtype in (torch.float32, torch.float16):
+        block("up", 512, 256, 32, dtype)
+        block("down", 256, 512, 64, dtype)
