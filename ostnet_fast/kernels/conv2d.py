@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import _triton_utils as tu
-from ._dispatch import use_triton
+from ._dispatch import interpreting, use_triton
 
 if tu.HAS_TRITON:
     import triton
@@ -401,15 +401,15 @@ SUBPIXEL_FROM = 2 ** 22
 
 
 def subpixel_weights(weight: torch.Tensor) -> torch.Tensor:
-    """(C_out, C_in, 3, 3) -> (4 C_out, C_in, 2, 2), channel 4 o + 2 py + px: the 2x2 kernel output pixel
-    (2 i + py, 2 j + px) of the upsampled convolution applies to low-resolution rows (i - 1, i) for py = 0
-    (rows 0 and 1 + 2 of the 3x3 kernel land there) or (i, i + 1) for py = 1 (rows 0 + 1 and 2); columns
-    likewise."""
+    """(C_out, C_in, 3, 3) -> (4 C_out, C_in, 2, 2), channel (2 py + px) C_out + o: the 2x2 kernel output
+    pixel (2 i + py, 2 j + px) of the upsampled convolution applies to low-resolution rows (i - 1, i) for
+    py = 0 (rows 0 and 1 + 2 of the 3x3 kernel land there) or (i, i + 1) for py = 1 (rows 0 + 1 and 2);
+    columns likewise. Parity-major, so that in a channels-last map one parity's channels are contiguous."""
     def pairs(w, dim):  # the two parities along one kernel axis, each 2 taps wide
         a, b_, c = w.unbind(dim)
         return torch.stack([a, b_ + c], dim), torch.stack([a + b_, c], dim)
     kernels = [k for rows in pairs(weight, 2) for k in pairs(rows, 3)]  # (py, px) = 00, 01, 10, 11
-    return torch.stack(kernels, 1).flatten(0, 1)
+    return torch.cat(kernels, 0)
 
 
 def subpixel_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -435,20 +435,30 @@ def subpixel_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class SubpixelInterleaveFn(torch.autograd.Function):
-    """(B, 4 C_out, H + 1, W + 1) parity planes, channel 4 o + 2 py + px -> (B, C_out, 2H, 2W), channels-last
-    or not: out[2 i + py, 2 j + px] = q[4 o + 2 py + px][i + py, j + px]. Four strided copies each way, the
-    grad in q's memory format. Autograd of the same slicing and stacking zero-fills a gradient of q's full
-    size per parity and adds them up: on the H200 (up 512 -> 256 on 32x32, batch 8, fp32) 18 copies,
-    13 fills and 19 adds took ~340 us of the block's 1.32 ms forward + backward."""
+    """(B, 4 C_out, H + 1, W + 1) parity planes, channel (2 py + px) C_out + o -> (B, C_out, 2H, 2W),
+    channels-last or not: out[2 i + py, 2 j + px] = q[(2 py + px) C_out + o][i + py, j + px]; the grad in
+    q's memory format.
+
+    From channels-last q to NCHW out (training on NCHW maps) it is a transpose, done by one Triton kernel
+    each way (_interleave_fwd_kernel, _interleave_bwd_kernel: tiles loaded along the channels and stored
+    along the width; the backward writes every element of its grad, zeros included). Otherwise four
+    strided copies each way (the reference for those kernels). Autograd of the same slicing and stacking
+    zero-filled a gradient of q's full size per parity and added them up: on the H200 (up 512 -> 256 on
+    32x32, batch 8, fp32) 18 copies, 13 fills and 19 adds took ~340 us of the block's 1.32 ms forward +
+    backward; as strided copies from channels-last q to NCHW, 11 copies still took 250 us of 1.12 ms."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, h: int, w: int, channels_last: bool) -> torch.Tensor:
         b, c4 = q.shape[:2]
         out = torch.empty(b, c4 // 4, 2 * h, 2 * w, device=q.device, dtype=q.dtype,
                           memory_format=tu.memory_format(channels_last))
-        for src, dst in _parities(q, out, h, w):
-            dst.copy_(src)
         ctx.hw, ctx.fmt = (h, w), tu.memory_format(tu.is_channels_last(q))
+        ctx.kernel = _interleave_kernel_applies(q, out)
+        if ctx.kernel:
+            _interleave_launch(_interleave_fwd_kernel, q, out, (b * 2 * h, w, c4 // 4), h, w)
+        else:
+            for src, dst in _parities(q, out, h, w):
+                dst.copy_(src)
         return out
 
     @staticmethod
@@ -456,10 +466,12 @@ class SubpixelInterleaveFn(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         h, w = ctx.hw
         b, c = grad_out.shape[:2]
-        # in q's memory format, for cuDNN's backward; the row (or column) of q a parity does not use gets
-        # no gradient: zero everything first
         grad_q = torch.empty(b, 4 * c, h + 1, w + 1, device=grad_out.device, dtype=grad_out.dtype,
-                             memory_format=ctx.fmt).zero_()
+                             memory_format=ctx.fmt)  # q's memory format, for cuDNN's backward
+        if ctx.kernel:
+            _interleave_launch(_interleave_bwd_kernel, grad_q, grad_out, (b * (h + 1), w + 1, c), h, w)
+            return grad_q, None, None, None
+        grad_q.zero_()  # the row (or column) of q a parity does not use gets no gradient
         for dst, src in _parities(grad_q, grad_out, h, w):
             dst.copy_(src)
         return grad_q, None, None, None
@@ -467,11 +479,77 @@ class SubpixelInterleaveFn(torch.autograd.Function):
 
 def _parities(q: torch.Tensor, out: torch.Tensor, h: int, w: int):
     """For each parity (py, px): the (B, C_out, H, W) views of q's plane and of the pixels of out it fills."""
-    q6 = q.unflatten(1, (q.shape[1] // 4, 2, 2))  # (B, C_out, py, px, H + 1, W + 1)
+    q6 = q.unflatten(1, (2, 2, q.shape[1] // 4))  # (B, py, px, C_out, H + 1, W + 1)
     o6 = out.unflatten(3, (w, 2)).unflatten(2, (h, 2))  # (B, C_out, H, py, W, px): splitting a dim is a view
     for py in (0, 1):
         for px in (0, 1):
-            yield q6[:, :, py, px, py:py + h, px:px + w], o6[:, :, :, py, :, px]
+            yield q6[:, py, px, :, py:py + h, px:px + w], o6[:, :, :, py, :, px]
+
+
+def _interleave_kernel_applies(q: torch.Tensor, out: torch.Tensor) -> bool:
+    """The Triton interleave for channels-last q and NCHW out (on CUDA, or interpreted in the tests)."""
+    return (tu.HAS_TRITON and (q.is_cuda or interpreting()) and tu.is_channels_last(q)
+            and not tu.is_channels_last(out) and out.numel() > 0)
+
+
+INTERLEAVE_BLOCK_O, INTERLEAVE_BLOCK_J = 32, 32
+
+
+def _interleave_launch(kernel, q, out, rows_cols_channels, h, w):
+    rows, cols, channels = rows_cols_channels
+    tu.check_launch("subpixel interleave", 1, max(q.numel(), out.numel()))
+    grid = (rows, triton.cdiv(cols, INTERLEAVE_BLOCK_J), triton.cdiv(channels, INTERLEAVE_BLOCK_O))
+    kernel[grid](q, out, out.shape[1], h, w, *q.stride(), *out.stride(),
+                 BLOCK_O=INTERLEAVE_BLOCK_O, BLOCK_J=INTERLEAVE_BLOCK_J, num_warps=4)
+
+
+if tu.HAS_TRITON:
+
+    @triton.jit
+    def _interleave_fwd_kernel(q_ptr, out_ptr, C, H, W, q_sb, q_sc, q_sh, q_sw, o_sb, o_sc, o_sh, o_sw,
+                               BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr):
+        """One program: output row Y of sample b, BLOCK_J column pairs, BLOCK_O channels. Its two parities
+        (py, 0) and (py, 1) are loaded along the channels and joined into 2 BLOCK_J output columns."""
+        row = tl.program_id(0)
+        b = (row // (2 * H)).to(tl.int64)
+        y = row % (2 * H)
+        py = y % 2
+        r = y // 2 + py  # q's row
+        j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+        o = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)
+        mask = (o < C)[:, None] & (j < W)[None, :]
+        base = q_ptr + b * q_sb + r * q_sh
+        a0 = tl.load(base + ((2 * py) * C + o)[:, None] * q_sc + j[None, :] * q_sw, mask=mask)
+        a1 = tl.load(base + ((2 * py + 1) * C + o)[:, None] * q_sc + (j + 1)[None, :] * q_sw, mask=mask)
+        v = tl.reshape(tl.join(a0, a1), (BLOCK_O, 2 * BLOCK_J))  # column 2 j + px
+        x = 2 * tl.program_id(1) * BLOCK_J + tl.arange(0, 2 * BLOCK_J)
+        omask = (o < C)[:, None] & (x < 2 * W)[None, :]
+        tl.store(out_ptr + b * o_sb + o[:, None] * o_sc + y * o_sh + x[None, :] * o_sw, v, mask=omask)
+
+    @triton.jit
+    def _interleave_bwd_kernel(gq_ptr, g_ptr, C, H, W, q_sb, q_sc, q_sh, q_sw, g_sb, g_sc, g_sh, g_sw,
+                               BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr):
+        """One program: q row r of sample b, BLOCK_J q columns, BLOCK_O channels, all four parities. Parity
+        (py, px) of q pixel (r, c) is output pixel (2 (r - py) + py, 2 (c - px) + px), or nothing (0)."""
+        row = tl.program_id(0)
+        b = (row // (H + 1)).to(tl.int64)
+        r = row % (H + 1)
+        c = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+        o = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)
+        mo = o < C
+        smask = mo[:, None] & (c < W + 1)[None, :]
+        k = tl.arange(0, 2)  # k = 0: px = 1, output column 2 c - 1; k = 1: px = 0, column 2 c
+        jx = c[:, None] - 1 + k[None, :]  # the output column pair j = c - px
+        xmask = (jx >= 0) & (jx < W)
+        gbase = g_ptr + b * g_sb + o[:, None, None] * g_sc + (2 * c[:, None] - 1 + k[None, :])[None, :, :] * g_sw
+        qbase = gq_ptr + b * q_sb + r * q_sh + c[None, :] * q_sw
+        for py in tl.static_range(2):
+            i = r - py
+            lmask = mo[:, None, None] & xmask[None, :, :] & (i >= 0) & (i < H)
+            t = tl.load(gbase + (2 * i + py) * g_sh, mask=lmask, other=0.0)
+            g_px1, g_px0 = tl.split(t)
+            tl.store(qbase + ((2 * py) * C + o)[:, None] * q_sc, g_px0, mask=smask)
+            tl.store(qbase + ((2 * py + 1) * C + o)[:, None] * q_sc, g_px1, mask=smask)
 
 
 def blur_downsample(x: torch.Tensor, weight: torch.Tensor, factor: torch.Tensor, step: int,

@@ -294,9 +294,12 @@ def test_subpixel_conv3x3_is_the_upsampled_convolution(shape, channels_last):
 
 @pytest.mark.parametrize("shape", [(2, 8, 3, 5), (1, 8, 1, 1), (3, 12, 4, 2)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_subpixel_interleave_gradcheck(shape, channels_last):
+def test_subpixel_interleave_gradcheck(shape, channels_last, monkeypatch):
     """The interleave's hand-written backward (four copies into a zeroed grad) against finite differences,
-    into either layout; the grad comes back in q's memory format, whatever the upstream grad's."""
+    into either layout; the grad comes back in q's memory format, whatever the upstream grad's. (The Triton
+    form moves the same elements: test_subpixel_interleave_kernel_is_the_copies; interpreted, gradcheck's
+    hundreds of calls would take minutes.)"""
+    monkeypatch.setattr(kc, "_interleave_kernel_applies", lambda q, out: False)
     b, c4, h, w = shape
     q = torch.randn(b, c4, h + 1, w + 1, dtype=torch.float64)
     if channels_last:
@@ -308,6 +311,26 @@ def test_subpixel_interleave_gradcheck(shape, channels_last):
         assert out.shape == (b, c4 // 4, 2 * h, 2 * w) and tu.is_channels_last(out) == out_cl
         (g,) = torch.autograd.grad(out, q, torch.randn(out.shape, dtype=torch.float64))  # NCHW upstream
         assert tu.is_channels_last(g) == tu.is_channels_last(q)
+
+
+@triton_run
+@pytest.mark.parametrize("shape", [(2, 8, 3, 5), (1, 12, 1, 1), (3, 136, 2, 37)])  # more than one tile
+def test_subpixel_interleave_kernel_is_the_copies(shape, monkeypatch):
+    """The Triton interleave (channels-last q to NCHW out, forward and backward) moves exactly what the four
+    strided copies move, every element of the grad written (poisoned buffer)."""
+    b, c4, h, w = shape
+    q = torch.randn(b, c4, h + 1, w + 1, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn(b, c4 // 4, 2 * h, 2 * w, dtype=torch.float64)
+    results = []
+    for kernel in (True, False):
+        monkeypatch.setattr(kc, "_interleave_kernel_applies", lambda q, out, kernel=kernel: kernel)
+        leaf = q.clone().requires_grad_(True)
+        out = kc.SubpixelInterleaveFn.apply(leaf, h, w, False)
+        (g,) = torch.autograd.grad(out, leaf, upstream)
+        assert not tu.is_channels_last(out) and tu.is_channels_last(g)
+        results.append((out, g))
+    for a, b_ in zip(*results):
+        assert torch.equal(a, b_)
 
 
 def test_upsampled_conv3x3_dispatch(monkeypatch):
@@ -519,3 +542,21 @@ def test_gpu_compiled_auto_paths_match_cudnn(monkeypatch):
     torch._dynamo.reset()
     assert taken == ["blur_two_passes"] and out.dtype == torch.float16 and out.shape == ref.shape
     assert (out.float() - ref).abs().max().item() <= 2 * eps * ref.abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_subpixel_interleave_kernel_is_the_copies(dtype, monkeypatch):
+    """The Triton interleave at the up block's size (512 -> 256 on 32x32, batch 8): the same elements as the
+    strided copies, both ways."""
+    q = torch.randn(8, 1024, 33, 33, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn(8, 256, 64, 64, device="cuda", dtype=dtype)
+    results = []
+    for kernel in (True, False):
+        monkeypatch.setattr(kc, "_interleave_kernel_applies", lambda q, out, kernel=kernel: kernel)
+        leaf = q.clone().requires_grad_(True)
+        out = kc.SubpixelInterleaveFn.apply(leaf, 32, 32, False)
+        (g,) = torch.autograd.grad(out, leaf, upstream)
+        results.append((out, g))
+    for a, b_ in zip(*results):
+        assert torch.equal(a, b_)
