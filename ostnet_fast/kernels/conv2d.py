@@ -385,7 +385,8 @@ def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto")
     eager fused block against the unfused eager one (bench/results/h200-2026-12-01-s12, the same kernel
     bench before and after, on two machines): up 512 -> 256 on 32x32 1.15 -> 1.22x (fp32) and 1.17 ->
     1.34x (fp16) at inference, 1.01 -> 1.12x / 0.96 -> 1.03x forward + backward; up 128 -> 64 on 128x128
-    1.46 -> 1.74x / 1.47 -> 2.32x, 1.40 -> 1.49x / 1.56 -> 1.73x. Smaller outputs (every up block of a
+    1.46 -> 1.74x / 1.47 -> 2.32x, 1.40 -> 1.49x / 1.56 -> 1.73x (the s13 figures, after the channels-last
+    convolution and the Triton interleave, are in subpixel_conv3x3). Smaller outputs (every up block of a
     batch-1 frame) keep the upsampled convolution: the weight launches would cost more than the convolution
     saves there (not measured), and under torch.compile it is not measured at all."""
     out_values = x.shape[0] * weight.shape[0] * 4 * x.shape[2] * x.shape[3]
@@ -418,18 +419,18 @@ def subpixel_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     parities are interleaved (SubpixelInterleaveFn) into x's memory format. The same sums as the upsampled
     convolution (the weights of taps that land on the same input pixel are added first).
 
-    When a backward is to come, the convolution runs channels-last whatever x's layout: cuDNN's Hopper
-    kernels are NHWC and transposed an NCHW input, output and grads inside each of the forward, input-grad
-    and weight-grad convolutions (9 transposes, ~170 us of 1.32 ms for up 512 -> 256 on 32x32, batch 8,
-    fp32, H200); here x is copied once, and the interleave, a strided copy anyway, writes x's layout. At
-    inference that detour cost more than it saved (up 128 -> 64 on 128x128, fp16: 2.32x -> 1.98x against
-    the unfused block), so there the convolution keeps x's layout."""
+    The convolution runs channels-last whatever x's layout: cuDNN's Hopper kernels are NHWC, and on NCHW
+    maps they transposed input, output and grads inside each of the forward, input-grad and weight-grad
+    convolutions (9 transposes, ~170 us of 1.32 ms for up 512 -> 256 on 32x32, batch 8, fp32, H200). Here
+    x is copied once, and the interleave writes x's layout (for NCHW x, one Triton transpose each way).
+    H200, batch 8, against the unfused eager block (bench/results/h200-2026-12-01-s13): forward + backward
+    up 512 -> 256 1.12 -> 1.56x (fp32), 1.03 -> 1.39x (fp16); up 128 -> 64 1.49 -> 2.61x, 1.73 -> 3.06x;
+    inference 1.22 -> 1.64x, 1.34 -> 1.67x, 1.74 -> 2.82x, 2.32 -> 3.55x."""
     _, _, h, w = x.shape
     k = subpixel_weights(weight.to(torch.promote_types(weight.dtype, torch.float32))).to(x.dtype)  # sums in fp32
     x_cl = tu.is_channels_last(x)
-    if x_cl or not _inference(x, weight):
-        x = x.contiguous(memory_format=torch.channels_last)
-        k = k.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    k = k.contiguous(memory_format=torch.channels_last)
     q = F.conv2d(x, k, None, padding=1)
     return SubpixelInterleaveFn.apply(q, h, w, x_cl)
 
