@@ -21,6 +21,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 # The optional CUDA C++ extension (csrc/ext/, ostnet_fast/kernels/cuda_ext.py), built in place where nvcc is;
 # OSTNET_BUILD_CUDA=0 skips it. If it does not build, everything runs on Triton alone, as without it.
+rm -f ostnet_fast/_C*.so  # a build left from an earlier call would load even if this one fails or is skipped
 if [ "${OSTNET_BUILD_CUDA:-1}" != 0 ] && command -v nvcc >/dev/null 2>&1; then
   OSTNET_BUILD_CUDA=1 python3 setup.py build_ext --inplace > "$OUT/cuda_ext_build.log" 2>&1 \
     && echo "run_gpu.sh: CUDA extension built ($(ls ostnet_fast/_C*.so))" \

@@ -93,7 +93,7 @@ __global__ void forward_kernel(const float* __restrict__ in, const float2* __res
 
 // The same from the packed image: one float4 gather per tap.
 __global__ void packed_forward_kernel(const float4* __restrict__ packed, const float2* __restrict__ grid,
-                               float* __restrict__ out, int C, int H, int W, int64_t HWo, int64_t total) {
+                                      float* __restrict__ out, int C, int H, int W, int64_t HWo, int64_t total) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= total) return;
   const int64_t b = i / HWo, p = i - b * HWo;

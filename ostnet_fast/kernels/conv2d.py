@@ -423,6 +423,8 @@ def subpixel_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     maps they transposed input, output and grads inside each of the forward, input-grad and weight-grad
     convolutions (9 transposes, ~170 us of 1.32 ms for up 512 -> 256 on 32x32, batch 8, fp32, H200). Here
     x is copied once, and the interleave writes x's layout (for NCHW x, one Triton transpose each way).
+    x's grad comes back channels-last: a leaf's AccumulateGrad (as in the benchmark below) or the op that
+    made x transposes it once more. Once differentiable (the interleave's backward is not differentiated).
     H200, batch 8, against the unfused eager block (bench/results/h200-2026-12-01-s13): forward + backward
     up 512 -> 256 1.12 -> 1.56x (fp32), 1.03 -> 1.39x (fp16); up 128 -> 64 1.49 -> 2.61x, 1.73 -> 3.06x;
     inference 1.22 -> 1.64x, 1.34 -> 1.67x, 1.74 -> 2.82x, 2.32 -> 3.55x."""
@@ -467,8 +469,8 @@ class SubpixelInterleaveFn(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         h, w = ctx.hw
         b, c = grad_out.shape[:2]
-        grad_q = torch.empty(b, 4 * c, h + 1, w + 1, device=grad_out.device, dtype=grad_out.dtype,
-                             memory_format=ctx.fmt)  # q's memory format, for cuDNN's backward
+        grad_q = tu.empty_output((b, 4 * c, h + 1, w + 1), device=grad_out.device, dtype=grad_out.dtype,
+                                 memory_format=ctx.fmt)  # q's memory format, for cuDNN's backward
         if ctx.kernel:
             _interleave_launch(_interleave_bwd_kernel, grad_q, grad_out, (b * (h + 1), w + 1, c), h, w)
             return grad_q, None, None, None

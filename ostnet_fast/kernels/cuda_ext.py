@@ -56,12 +56,35 @@ def turned_off():
         _turned_off = before
 
 
+_runs_on: dict[int, bool] = {}
+
+
+def _probe(index: int) -> None:
+    module().grid_sample_pack(torch.zeros(1, 1, 1, 1, device=torch.device("cuda", index)))
+
+
+def runs_on(device: torch.device) -> bool:
+    """The extension has code for this GPU: one tiny launch, once per device. A build for other GPUs (e.g.
+    sm_90a only, on an RTX 3090) fails to launch; then say so once, and the Triton kernels run there."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _runs_on:
+        try:
+            _probe(index)
+            _runs_on[index] = True
+        except RuntimeError as e:
+            log.warning("ostnet_fast._C has no code for GPU %d (%s); using the Triton kernels there. Rebuild with "
+                        "TORCH_CUDA_ARCH_LIST set to its compute capability.", index, str(e).splitlines()[0])
+            _runs_on[index] = False
+    return _runs_on[index]
+
+
 def grid_sample_applies(input: torch.Tensor, grid: torch.Tensor) -> bool:
     """grid_sample (forward and backward) runs on the extension: CUDA, fp32, NCHW, 1-4 channels, a
-    contiguous grid whose (x, y) pairs are 8-byte aligned (the kernel loads them as float2)."""
+    contiguous grid whose (x, y) pairs are 8-byte aligned (the kernel loads them as float2), on a GPU the
+    build has code for."""
     return (input.is_cuda and input.dtype == torch.float32 and grid.dtype == torch.float32
             and 1 <= input.shape[1] <= GRID_SAMPLE_MAX_CHANNELS and input.is_contiguous() and grid.is_contiguous()
-            and grid.data_ptr() % 8 == 0 and enabled())
+            and grid.data_ptr() % 8 == 0 and enabled() and runs_on(input.device))
 
 
 def grid_sample_pack(input: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,9 @@ Triton path (what is fused, and the design limits):
 - NCHW fp32 images of 1-4 channels take the optional CUDA C++ extension where it is built (cuda_ext.py,
   csrc/ext/grid_sample_small_c.cu): a channels-last copy padded to 4 channels, one float4 gather and one
   float4 atomic per tap. Eagerly, when a backward is to come, the copy is made once in the forward and
-  saved for the backward (4/3 of the input's memory, in place of the input); the custom ops
-  (torch.compile) make it in the backward. A forward with no backward to come gathers from the NCHW planes.
+  saved for the backward (4/C times the input's size, 4/3 for images, held until the backward); the custom
+  ops (torch.compile) make it in the backward. A forward with no backward to come gathers from the NCHW
+  planes. Where the extension is not built, or has no code for the GPU, these inputs take Triton.
 """
 from __future__ import annotations
 
@@ -291,5 +292,7 @@ def grid_sample(input: torch.Tensor, grid: torch.Tensor, impl: str = "auto") -> 
     if use_triton("grid_sample", impl, input, grid):
         if torch.compiler.is_compiling():
             return _grid_sample_op(*_prepare(input, grid))
+        if not (torch.is_grad_enabled() and (input.requires_grad or grid.requires_grad)):
+            return _grid_sample_fwd(*_prepare(input, grid))  # no graph to record (needs_input_grad would say yes)
         return GridSampleFn.apply(input, grid)
     return grid_sample_reference(input, grid)

@@ -315,9 +315,9 @@ def test_subpixel_interleave_gradcheck(shape, channels_last, monkeypatch):
 
 @triton_run
 @pytest.mark.parametrize("shape", [(2, 8, 3, 5), (1, 12, 1, 1), (3, 136, 2, 37)])  # more than one tile
-def test_subpixel_interleave_kernel_is_the_copies(shape, monkeypatch):
+def test_subpixel_interleave_kernel_is_the_copies(shape, monkeypatch, poisoned):
     """The Triton interleave (channels-last q to NCHW out, forward and backward) moves exactly what the four
-    strided copies move, every element of the grad written (poisoned buffer)."""
+    strided copies move, every element of the grad written (its buffer starts as NaN)."""
     b, c4, h, w = shape
     q = torch.randn(b, c4, h + 1, w + 1, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     upstream = torch.randn(b, c4 // 4, 2 * h, 2 * w, dtype=torch.float64)
@@ -546,7 +546,7 @@ def test_gpu_compiled_auto_paths_match_cudnn(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gpu_subpixel_interleave_kernel_is_the_copies(dtype, monkeypatch):
+def test_gpu_subpixel_interleave_kernel_is_the_copies(dtype, monkeypatch, poisoned):
     """The Triton interleave at the up block's size (512 -> 256 on 32x32, batch 8): the same elements as the
     strided copies, both ways."""
     q = torch.randn(8, 1024, 33, 33, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)

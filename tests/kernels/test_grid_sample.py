@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ostnet_fast.kernels import _triton_utils as tu
+from ostnet_fast.kernels import cuda_ext
 from tests.conftest import requires_triton_run
 
 # The package re-exports the function `grid_sample` under the module's name: fetch the module itself.
@@ -30,6 +31,14 @@ SHAPES = [  # (input (B, C, H_in, W_in), output (H, W))
     ((3, 4, 1, 6), (2, 3)),  # single-row input: taps above/below read zeros
     ((2, 11, 6, 5), (4, 7)),  # C not a multiple of the channel chunk
 ]
+
+
+@pytest.fixture(autouse=True)
+def _triton_only():
+    """This file tests the Triton kernels: where the CUDA extension is built it would take the NCHW fp32
+    inputs of 1-4 channels (test_grid_sample_cuda_ext.py tests it)."""
+    with cuda_ext.turned_off():
+        yield
 
 
 @pytest.fixture
