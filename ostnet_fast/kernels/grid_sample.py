@@ -225,7 +225,8 @@ class GridSampleFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         input, grid = _prepare(input, grid)
-        ctx.packed = any(ctx.needs_input_grad) and cuda_ext.grid_sample_applies(input, grid)
+        # grid_sample() applies this Function only when a grad is wanted (without one it calls _grid_sample_fwd)
+        ctx.packed = cuda_ext.grid_sample_applies(input, grid)
         if ctx.packed:  # the extension's packed copy serves the forward and is kept for the backward
             packed = cuda_ext.grid_sample_pack(input)
             ctx.save_for_backward(packed, grid)
