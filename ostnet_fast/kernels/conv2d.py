@@ -401,6 +401,66 @@ def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto")
 SUBPIXEL_FROM = 2 ** 22
 
 
+RELAYOUT_BLOCK = 64  # (channels x pixels) tile of relayout's copy
+
+
+def relayout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """x's values in the given layout (x itself if already so): a Triton tiled copy for CUDA (or
+    interpreter) tensors, torch's copy otherwise. H200: torch's copy between NCHW and channels-last (an
+    elementwise kernel with strided stores) ran at about a third of the bandwidth of this one
+    (bench/results/h200-2026-12-01-s14)."""
+    fmt = tu.memory_format(channels_last)
+    if x.is_contiguous(memory_format=fmt):
+        return x
+    x = tu.dense_4d(x)
+    if not (tu.HAS_TRITON and (x.is_cuda or interpreting())) or x.numel() == 0:
+        return x.contiguous(memory_format=fmt)
+    b, c, h, w = x.shape
+    tu.check_launch("relayout", 1, x.numel())
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=fmt)
+    blk = RELAYOUT_BLOCK
+    _relayout_kernel[(triton.cdiv(h * w, blk), triton.cdiv(c, blk), b)](
+        x, out, c, h * w, x.stride(0), x.stride(1), tu.pixel_stride(x), out.stride(0), out.stride(1),
+        tu.pixel_stride(out), BLOCK_C=blk, BLOCK_P=blk, num_warps=4)
+    return out
+
+
+class _ToChannelsLastFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.channels_last = tu.is_channels_last(x)
+        return relayout(x, channels_last=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return relayout(grad, ctx.channels_last)
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """relayout(x, channels_last=True), differentiable: x's grad comes back in x's layout (one more copy,
+    which otherwise the op that made x, or a leaf's AccumulateGrad, makes with torch's slower one). Under
+    torch.compile, torch's copy: inductor plans the layouts itself."""
+    if torch.compiler.is_compiling():
+        return x.contiguous(memory_format=torch.channels_last)
+    return _ToChannelsLastFn.apply(x)
+
+
+if tu.HAS_TRITON:
+
+    @triton.jit
+    def _relayout_kernel(src_ptr, dst_ptr, C, P, s_n, s_c, s_p, d_n, d_c, d_p,
+                         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """dst[n, c, p] = src[n, c, p], p the flat (h, w) pixel, each side with its own strides: NCHW <->
+        channels-last as one tiled copy (Triton stages the tile through shared memory between the two
+        access orders; unit strides are specialised by the compiler)."""
+        offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        n = tl.program_id(2).to(tl.int64)
+        m = (offs_c < C)[:, None] & (offs_p < P)[None, :]
+        v = tl.load(src_ptr + n * s_n + offs_c[:, None] * s_c + offs_p[None, :] * s_p, mask=m)
+        tl.store(dst_ptr + n * d_n + offs_c[:, None] * d_c + offs_p[None, :] * d_p, v, mask=m)
+
+
 def subpixel_weights(weight: torch.Tensor) -> torch.Tensor:
     """(C_out, C_in, 3, 3) -> (4 C_out, C_in, 2, 2), channel (2 py + px) C_out + o: the 2x2 kernel output
     pixel (2 i + py, 2 j + px) of the upsampled convolution applies to low-resolution rows (i - 1, i) for
@@ -422,16 +482,15 @@ def subpixel_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     The convolution runs channels-last whatever x's layout: cuDNN's Hopper kernels are NHWC, and on NCHW
     maps they transposed input, output and grads inside each of the forward, input-grad and weight-grad
     convolutions (9 transposes, ~170 us of 1.32 ms for up 512 -> 256 on 32x32, batch 8, fp32, H200). Here
-    x is copied once, and the interleave writes x's layout (for NCHW x, one Triton transpose each way).
-    x's grad comes back channels-last: a leaf's AccumulateGrad (as in the benchmark below) or the op that
-    made x transposes it once more. Once differentiable (the interleave's backward is not differentiated).
+    x is copied once each way (to_channels_last), and the interleave writes x's layout (for NCHW x, one
+    Triton transpose each way). Once differentiable (the interleave's backward is not differentiated).
     H200, batch 8, against the unfused eager block (bench/results/h200-2026-12-01-s13): forward + backward
     up 512 -> 256 1.12 -> 1.56x (fp32), 1.03 -> 1.39x (fp16); up 128 -> 64 1.49 -> 2.61x, 1.73 -> 3.06x;
     inference 1.22 -> 1.64x, 1.34 -> 1.67x, 1.74 -> 2.82x, 2.32 -> 3.55x."""
     _, _, h, w = x.shape
     k = subpixel_weights(weight.to(torch.promote_types(weight.dtype, torch.float32))).to(x.dtype)  # sums in fp32
     x_cl = tu.is_channels_last(x)
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = to_channels_last(x)
     k = k.contiguous(memory_format=torch.channels_last)
     q = F.conv2d(x, k, None, padding=1)
     return SubpixelInterleaveFn.apply(q, h, w, x_cl)

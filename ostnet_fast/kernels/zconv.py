@@ -7,25 +7,25 @@ convolution stays in cuDNN and one epilogue adds E(b), the BN, the ReLU and the 
 
 Fused path (`impl="triton"`, or "auto" on CUDA):
   conv_out = F.conv2d(x or upsample(x), W, bias=None, padding=1)     cuDNN, autograd as usual (kernels.conv2d:
-             the split-K kernel for small outputs at inference; large eager up blocks at low resolution)
+             the split-K kernel for small outputs at inference; large eager up blocks at low resolution).
+             Down / same blocks given NCHW convolve channels-last (CONV_CHANNELS_LAST, below).
   E        = (zb outer M) @ W                                           (B, 9, C_out), torch, fp32
   out      = ZConvEpilogueFn(conv_out, E, conv.bias, BN params)          Triton:
     inference: one pass over conv_out: y = conv_out + bias + E[class] -> folded BN -> ReLU -> pool,
-               written once in conv_out's dtype and memory format (the pre-pool tensor is never written);
-    training : one statistics pass (per-tile Welford partials of y, combined with Chan's formula, so no
-               E[y^2] - E[y]^2 cancellation), one finalize launch (batch mean / invstd, running-stat update
-               exactly as nn.BatchNorm2d: momentum or cumulative average, unbiased running variance), then
-               the epilogue pass.
+               written once in the block's memory format (the pre-pool tensor is never written);
+    training : one statistics pass (per-program count, mean and M2 of y, from sums shifted by the first
+               tile's mean; merged chunk by chunk with Chan's formula, so no E[y^2] - E[y]^2 cancellation),
+               one finalize launch (batch mean / invstd, running-stat update exactly as nn.BatchNorm2d:
+               momentum or cumulative average, unbiased running variance), then the epilogue pass.
   backward : one reduction pass (per-sample sums for the BN backward), one small launch over the O(H + W)
              border pixels only (per-border-class sums, only with zb), one small launch for the per-channel
              math (_zconv_bwd_finalize_kernel), and one pass writing dL/dconv_out; the conv backward is
              cuDNN's (autograd of F.conv2d) and dL/dzb and the E part of dL/dW come from autograd of the tiny
              E matmul, fed with
              dL/dE[n, q, o] = sum over the class-q pixels of dL/dy (derivation above _zconv_grad_tile).
-  Tiles: 1024 elements, (16 pixels x 64 channels) channels-last, (256 pixels x 4 channels) NCHW, unit
-  strides as constexprs so loads vectorise along the contiguous axis. Compiled ahead of time for sm_90
-  (no GPU here): 56-116 registers for the forward epilogue, up to ~190 for the channels-last backward
-  reduction, no spills. Not autotuned; GPU speed not measured by the author.
+  Tiles (TILE, RED_TILE, ... below): (pixels x channels), wide along the contiguous axis. The reductions
+  sum RED_LOOP tiles a program lane by lane and reduce across threads once; their partial rows are merged
+  by the finalize launches. Sizes chosen on an H200 (bench/results/h200-2026-12-01-s14, zconv_sweep*.txt).
 Border classes: q = 3 r + s, r = 0 (first row), 2 (last row), 1 (other rows); s likewise for columns. For
 H == 1 (or W == 1) the single row is both first and last: its class r = 0 then drops both taps.
 
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._dispatch import forced, use_triton
-from .conv2d import conv2d, conv2d_module, from_block, upsampled_conv3x3
+from .conv2d import conv2d, conv2d_module, from_block, relayout, to_channels_last, upsampled_conv3x3
 
 from ._triton_utils import HAS_TRITON, tl, triton  # one import guard for every kernel
 
@@ -185,91 +185,102 @@ if HAS_TRITON:
         c_ptr,  # (B, C, Hc, Wc) conv output without bias, flat (h, w) plane, any channel stride
         e_ptr,  # (B, 9, C) E(zb) if HAS_E
         cb_ptr,  # (C,) conv bias if HAS_CB
-        part_ptr,  # (SPLITS, 3, C) out: per-split count, mean, M2 of y
-        C, Hc, Wc, n_tiles, tiles_per_plane, SPLITS,
+        part_ptr,  # (B * rows_per_plane, 3, C) out: per-program count, mean, M2 of y
+        C, Hc, Wc, rows_per_plane,
         c_sn, c_sc, c_sw, e_sn, e_sq, e_sc,
         CL: tl.constexpr, HAS_E: tl.constexpr, HAS_CB: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+        LOOP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        """Batch statistics of y = conv_out + bias + E[class] per channel. Program (channel block, split)
-        walks the tiles split, split + SPLITS, ... of all samples; each tile's mean and M2 are exact
-        (two passes over registers) and merged with Chan's formula:
-          n = n_a + n_b, mean = mean_a + d n_b / n, M2 = M2_a + M2_b + d^2 n_a n_b / n, d = mean_b - mean_a."""
+        """Count, mean and M2 of y = conv_out + bias + E[class] per channel over LOOP consecutive tiles;
+        program (tile group, channel block, sample). The first tile's mean is the shift K: the later tiles
+        add y - K and (y - K)^2 lane by lane (no cross-thread step inside the loop), and
+        mean = K + S1 / n, M2 = S2 - S1^2 / n, with |S1 / n| small against the spread (shifted data: no
+        E[y^2] - E[y]^2 cancellation)."""
         if CL:  # unit strides as constants: vector loads along C (NHWC) or along the pixels (NCHW)
             c_sc = 1
         else:
             c_sw = 1
-        pid_c = tl.program_id(0)
-        split = tl.program_id(1)
+        pid_p = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        n = tl.program_id(2)
         offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         mc = offs_c < C
-        P = Hc * Wc
+        e_base = e_ptr + n * e_sn
+        c_base = c_ptr + n * c_sn
         if HAS_CB:
             cb = tl.load(cb_ptr + offs_c, mask=mc, other=0.0).to(ACC)
         else:
             cb = tl.zeros([BLOCK_C], ACC)
-        cnt = tl.zeros([BLOCK_C], ACC)
-        mean = tl.zeros([BLOCK_C], ACC)
-        m2 = tl.zeros([BLOCK_C], ACC)
-        for t in range(split, n_tiles, SPLITS):
-            n = t // tiles_per_plane
-            offs_p = (t - n * tiles_per_plane) * BLOCK_P + tl.arange(0, BLOCK_P)
-            mp = offs_p < P
+        if HAS_E:
+            e_mid = tl.load(e_base + 4 * e_sq + offs_c * e_sc, mask=mc, other=0.0).to(ACC)
+        else:
+            e_mid = tl.zeros([BLOCK_C], ACC)
+        s1 = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+        s2 = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+        cnt = tl.zeros([BLOCK_P], ACC)
+        shift = tl.zeros([BLOCK_C], ACC)
+        for k in tl.static_range(LOOP):
+            offs_p = (pid_p * LOOP + k) * BLOCK_P + tl.arange(0, BLOCK_P)
+            mp = offs_p < Hc * Wc
             mask2 = mp[:, None] & mc[None, :]
             cy = offs_p // Wc
             cx = offs_p - cy * Wc
-            e_base = e_ptr + n * e_sn
-            if HAS_E:
-                e_mid = tl.load(e_base + 4 * e_sq + offs_c * e_sc, mask=mc, other=0.0).to(ACC)
-            else:
-                e_mid = tl.zeros([BLOCK_C], ACC)
             c_off = (offs_p * c_sw)[:, None] + (offs_c * c_sc)[None, :]
-            y = _zconv_y(c_ptr + n * c_sn, e_base, cb, e_mid, cy, cx, c_off, offs_c, mask2, Hc, Wc,
-                         e_sq, e_sc, HAS_E, ACC)
-            cnt_t = tl.sum(mp.to(ACC), axis=0)
-            mean_t = tl.sum(y, axis=0) / cnt_t
-            d = tl.where(mask2, y - mean_t[None, :], 0.0)
-            m2_t = tl.sum(d * d, axis=0)
-            tot = cnt + cnt_t
-            delta = mean_t - mean
-            mean += delta * (cnt_t / tot)
-            m2 += m2_t + delta * delta * (cnt * cnt_t / tot)
-            cnt = tot
-        base = part_ptr + split * 3 * C + offs_c
-        tl.store(base, cnt, mask=mc)
-        tl.store(base + C, mean, mask=mc)
-        tl.store(base + 2 * C, m2, mask=mc)
+            y = _zconv_y(c_base, e_base, cb, e_mid, cy, cx, c_off, offs_c, mask2, Hc, Wc, e_sq, e_sc, HAS_E, ACC)
+            if k == 0:  # the first tile has a pixel (the launch has no empty group)
+                shift = tl.sum(y, axis=0) / tl.sum(mp.to(ACC), axis=0)
+            d = tl.where(mask2, y - shift[None, :], 0.0)
+            s1 += d
+            s2 += d * d
+            cnt += mp.to(ACC)
+        n_t = tl.sum(cnt, axis=0)
+        t1 = tl.sum(s1, axis=0)
+        base = part_ptr + (n * rows_per_plane + pid_p) * 3 * C + offs_c
+        tl.store(base, tl.zeros([BLOCK_C], ACC) + n_t, mask=mc)
+        tl.store(base + C, shift + t1 / n_t, mask=mc)
+        tl.store(base + 2 * C, tl.maximum(tl.sum(s2, axis=0) - t1 * t1 / n_t, 0.0), mask=mc)
 
     @triton.jit
     def _zconv_finalize_kernel(
-        part_ptr,  # (SPLITS, 3, C) from _zconv_stats_kernel, if BATCH_STATS
+        part_ptr,  # (n_rows, 3, C) from _zconv_stats_kernel, if BATCH_STATS
         w_ptr, b_ptr,  # (C,) BN weight / bias, if AFFINE
         rm_ptr, rv_ptr,  # (C,) running mean / var: read
         rm_out_ptr, rv_out_ptr,  # (C,) out if UPDATE: the updated running stats (may be rm_ptr / rv_ptr)
         stat_ptr,  # (4, C) out: mean, invstd, scale, shift
-        C, SPLITS, eps, factor,
+        C, n_rows, eps, factor,
         BATCH_STATS: tl.constexpr, UPDATE: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_C: tl.constexpr,
+        BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        """Per channel: the normalisation statistics (batch statistics from the Chan-merged partials, or
-        the running ones) and the folded scale / shift. Running update as F.batch_norm:
+        """Per channel: the normalisation statistics (batch statistics from the per-tile partials, or the
+        running ones) and the folded scale / shift. The partials merge BLOCK_S rows at a time: a chunk's
+        n = sum n_i, mean = sum n_i mean_i / n, M2 = sum M2_i + sum n_i (mean_i - mean)^2 (no E[y^2] - E[y]^2
+        cancellation), and chunks combine with Chan's formula:
+          n = n_a + n_b, mean = mean_a + d n_b / n, M2 = M2_a + M2_b + d^2 n_a n_b / n, d = mean_b - mean_a.
+        Running update as F.batch_norm:
           running_mean = (1 - f) running_mean + f mean,  running_var = (1 - f) running_var + f M2 / (n - 1)."""
         offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         mc = offs_c < C
         if BATCH_STATS:
+            offs_s = tl.arange(0, BLOCK_S)
             cnt = tl.zeros([BLOCK_C], ACC)
             mean = tl.zeros([BLOCK_C], ACC)
             m2 = tl.zeros([BLOCK_C], ACC)
-            for s in range(0, SPLITS):
-                base = part_ptr + s * 3 * C + offs_c
-                cnt_s = tl.load(base, mask=mc, other=0.0).to(ACC)
-                mean_s = tl.load(base + C, mask=mc, other=0.0).to(ACC)
-                m2_s = tl.load(base + 2 * C, mask=mc, other=0.0).to(ACC)
-                tot = cnt + cnt_s
-                frac = tl.where(tot > 0, cnt_s / tl.where(tot > 0, tot, 1.0), 0.0)
-                delta = mean_s - mean
+            for r0 in range(0, n_rows, BLOCK_S):
+                r = r0 + offs_s
+                m = (r < n_rows)[:, None] & mc[None, :]
+                off = (r * 3 * C)[:, None] + offs_c[None, :]
+                cnt_s = tl.load(part_ptr + off, mask=m, other=0.0).to(ACC)
+                mean_s = tl.load(part_ptr + off + C, mask=m, other=0.0).to(ACC)
+                m2_s = tl.load(part_ptr + off + 2 * C, mask=m, other=0.0).to(ACC)
+                cnt_b = tl.sum(cnt_s, axis=0)
+                mean_b = tl.sum(cnt_s * mean_s, axis=0) / tl.where(cnt_b > 0, cnt_b, 1.0)
+                dev = mean_s - mean_b[None, :]
+                m2_b = tl.sum(m2_s + cnt_s * dev * dev, axis=0)
+                tot = cnt + cnt_b
+                frac = tl.where(tot > 0, cnt_b / tl.where(tot > 0, tot, 1.0), 0.0)
+                delta = mean_b - mean
                 mean += delta * frac
-                m2 += m2_s + delta * delta * cnt * frac
+                m2 += m2_b + delta * delta * cnt * frac
                 cnt = tot
             cnt = tl.where(mc, cnt, 2.0)  # lanes past C: keep them finite
             var = m2 / cnt
@@ -305,17 +316,20 @@ if HAS_TRITON:
         out_ptr,  # (B, C, Ho, Wo) out, flat (h, w) plane; Ho = Hc // 2 when POOL
         C, Hc, Wc, Ho, Wo,
         c_sn, c_sc, c_sh, c_sw, c_pw, e_sn, e_sq, e_sc, o_sn, o_sc, o_sw,
-        CL: tl.constexpr, HAS_E: tl.constexpr, HAS_CB: tl.constexpr, POOL: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+        CL: tl.constexpr, O_CL: tl.constexpr, HAS_E: tl.constexpr, HAS_CB: tl.constexpr, POOL: tl.constexpr,
+        ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         """out = [avgpool2x2] relu(scale * (conv_out + bias + E[class]) + shift), one program per
-        (BLOCK_P output pixels, BLOCK_C channels, sample)."""
+        (BLOCK_P output pixels, BLOCK_C channels, sample). CL / O_CL: conv_out / out channels-last (they may
+        differ: a channels-last convolution inside an NCHW block)."""
         if CL:  # unit strides as constants: vector loads along C (NHWC) or along the pixels (NCHW)
             c_sc = 1
-            o_sc = 1
         else:
             c_pw = 1
             c_sw = 1
+        if O_CL:
+            o_sc = 1
+        else:
             o_sw = 1
         pid_p = tl.program_id(0)
         pid_c = tl.program_id(1)
@@ -390,17 +404,16 @@ if HAS_TRITON:
         cb_ptr,  # (C,) conv bias if HAS_CB
         stat_ptr,  # (4, C) mean, invstd, scale, shift of the forward
         go_ptr,  # (B, C, Ho, Wo) dL/dout
-        part_ptr,  # (B, SPLITS, 3, C) out: per-sample partial sums of g', g' x^, x^
-        bord_ptr,  # (B, 2, 9, C) out if HAS_E: per-class sums of g', x^ over the border pixels
-        C, Hc, Wc, Ho, Wo, tiles_per_plane, SPLITS,
+        part_ptr,  # (B, rows_per_plane, 3, C) out: per-program sums of g', g' x^, x^
+        bord_ptr,  # (B, chunks, 2, 9, C) out if HAS_E: per-class sums of g', x^ over chunks of border pixels
+        C, Hc, Wc, Ho, Wo, rows_per_plane,
         c_sn, c_sc, c_sw, e_sn, e_sq, e_sc, go_sn, go_sc, go_sh, go_sw, go_pw,
         CL: tl.constexpr, HAS_E: tl.constexpr, HAS_CB: tl.constexpr, POOL: tl.constexpr, ACC: tl.constexpr,
-        BORDER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+        BORDER: tl.constexpr, LOOP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        """Not BORDER: programs (channel block, split, sample) reduce the tiles split, split + SPLITS, ...
-        of their sample. BORDER (a second launch, only with HAS_E; its own compiled variant, so the class
-        sums do not raise the register count of the main pass): programs (channel block, 0, sample) walk
-        the border pixels of their sample."""
+        """Not BORDER: program (tile group, channel block, sample) sums LOOP consecutive tiles. BORDER (a second launch, only with HAS_E; its own compiled variant, so the class
+        sums do not raise the register count of the main pass): program (chunk, channel block, sample) sums
+        one chunk of its sample's border pixels by class."""
         if CL:  # unit strides as constants: vector loads along C (NHWC) or along the pixels (NCHW)
             c_sc = 1
             go_sc = 1
@@ -408,8 +421,8 @@ if HAS_TRITON:
             c_sw = 1
             go_sw = 1
             go_pw = 1
-        pid_c = tl.program_id(0)
-        split = tl.program_id(1)
+        pid_p = tl.program_id(0)
+        pid_c = tl.program_id(1)
         n = tl.program_id(2)
         offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         mc = offs_c < C
@@ -419,11 +432,11 @@ if HAS_TRITON:
         cb, e_mid, mean, invstd, scale, shift = _zconv_channel_vectors(cb_ptr, e_base, stat_ptr, offs_c, mc, C,
                                                                        e_sq, e_sc, HAS_E, HAS_CB, ACC)
         if not BORDER:
-            s1 = tl.zeros([BLOCK_C], ACC)
-            s2 = tl.zeros([BLOCK_C], ACC)
-            sx = tl.zeros([BLOCK_C], ACC)
-            for t in range(split, tiles_per_plane, SPLITS):
-                offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
+            a1 = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+            a2 = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+            ax = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+            for k in tl.static_range(LOOP):  # lane-wise sums, one cross-thread step at the end
+                offs_p = (pid_p * LOOP + k) * BLOCK_P + tl.arange(0, BLOCK_P)
                 mask2 = (offs_p < Hc * Wc)[:, None] & mc[None, :]
                 cy = offs_p // Wc
                 cx = offs_p - cy * Wc
@@ -431,16 +444,17 @@ if HAS_TRITON:
                 y, gp, xh = _zconv_grad_tile(c_base, e_base, go_base, cb, e_mid, mean, invstd, scale, shift,
                                              cy, cx, c_off, offs_p * go_pw, offs_c, mask2, Hc, Wc, Ho, Wo,
                                              e_sq, e_sc, go_sc, go_sh, go_sw, HAS_E, POOL, ACC)
-                s1 += tl.sum(gp, axis=0)
-                s2 += tl.sum(gp * xh, axis=0)
-                sx += tl.sum(xh, axis=0)
-            base = part_ptr + (n * SPLITS + split) * 3 * C + offs_c
-            tl.store(base, s1, mask=mc)
-            tl.store(base + C, s2, mask=mc)
-            tl.store(base + 2 * C, sx, mask=mc)
+                a1 += gp
+                a2 += gp * xh
+                ax += xh
+            base = part_ptr + (n * rows_per_plane + pid_p) * 3 * C + offs_c
+            tl.store(base, tl.sum(a1, axis=0), mask=mc)
+            tl.store(base + C, tl.sum(a2, axis=0), mask=mc)
+            tl.store(base + 2 * C, tl.sum(ax, axis=0), mask=mc)
         else:
             # Border pixels: the rows 0 and Hc - 1 (all columns), then the columns 0 and Wc - 1 of the
-            # rows in between. n_rows = Wc * min(Hc, 2), n_cols = (Hc - 2) * min(Wc, 2).
+            # rows in between. n_rows = Wc * min(Hc, 2), n_cols = (Hc - 2) * min(Wc, 2). This program: the
+            # chunk pid_p of BLOCK_P of them, its class sums to row (n, pid_p) of bord.
             n_rows = Wc * tl.minimum(Hc, 2)
             inner = tl.maximum(Hc - 2, 0)
             n_bord = n_rows + inner * tl.minimum(Wc, 2)
@@ -448,28 +462,27 @@ if HAS_TRITON:
             rows16 = tl.arange(0, 16)
             acc1 = tl.zeros([16, BLOCK_C], ACC)
             accx = tl.zeros([16, BLOCK_C], ACC)
-            for b0 in range(0, n_bord, BLOCK_P):
-                offs_b = b0 + tl.arange(0, BLOCK_P)
-                mask2 = (offs_b < n_bord)[:, None] & mc[None, :]
-                in_rows = offs_b < n_rows
-                rr = offs_b // Wc
-                k = offs_b - n_rows
-                kk = k // inner_div
-                cy = tl.where(in_rows, rr * (Hc - 1), 1 + k - kk * inner_div)
-                cx = tl.where(in_rows, offs_b - rr * Wc, kk * (Wc - 1))
-                c_off = (cy * (c_sw * Wc) + cx * c_sw)[:, None] + (offs_c * c_sc)[None, :]
-                y, gp, xh = _zconv_grad_tile(c_base, e_base, go_base, cb, e_mid, mean, invstd, scale, shift,
-                                             cy, cx, c_off, cy * go_sh + cx * go_sw, offs_c, mask2, Hc, Wc, Ho,
-                                             Wo, e_sq, e_sc, go_sc, go_sh, go_sw, HAS_E, POOL, ACC)
-                r = tl.where(cy == 0, 0, tl.where(cy == Hc - 1, 2, 1))
-                s = tl.where(cx == 0, 0, tl.where(cx == Wc - 1, 2, 1))
-                q = (3 * r + s)[:, None]
-                for kq in tl.static_range(9):
-                    g_k = tl.sum(tl.where(q == kq, gp, 0.0), axis=0)
-                    x_k = tl.sum(tl.where(q == kq, xh, 0.0), axis=0)
-                    acc1 = tl.where(rows16[:, None] == kq, acc1 + g_k[None, :], acc1)
-                    accx = tl.where(rows16[:, None] == kq, accx + x_k[None, :], accx)
-            off = (n * 18 + rows16[:, None]) * C + offs_c[None, :]
+            offs_b = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+            mask2 = (offs_b < n_bord)[:, None] & mc[None, :]
+            in_rows = offs_b < n_rows
+            rr = offs_b // Wc
+            k = offs_b - n_rows
+            kk = k // inner_div
+            cy = tl.where(in_rows, rr * (Hc - 1), 1 + k - kk * inner_div)
+            cx = tl.where(in_rows, offs_b - rr * Wc, kk * (Wc - 1))
+            c_off = (cy * (c_sw * Wc) + cx * c_sw)[:, None] + (offs_c * c_sc)[None, :]
+            y, gp, xh = _zconv_grad_tile(c_base, e_base, go_base, cb, e_mid, mean, invstd, scale, shift,
+                                         cy, cx, c_off, cy * go_sh + cx * go_sw, offs_c, mask2, Hc, Wc, Ho,
+                                         Wo, e_sq, e_sc, go_sc, go_sh, go_sw, HAS_E, POOL, ACC)
+            r = tl.where(cy == 0, 0, tl.where(cy == Hc - 1, 2, 1))
+            s = tl.where(cx == 0, 0, tl.where(cx == Wc - 1, 2, 1))
+            q = (3 * r + s)[:, None]
+            for kq in tl.static_range(9):
+                g_k = tl.sum(tl.where(q == kq, gp, 0.0), axis=0)
+                x_k = tl.sum(tl.where(q == kq, xh, 0.0), axis=0)
+                acc1 = tl.where(rows16[:, None] == kq, acc1 + g_k[None, :], acc1)
+                accx = tl.where(rows16[:, None] == kq, accx + x_k[None, :], accx)
+            off = ((n * tl.num_programs(0) + pid_p) * 18 + rows16[:, None]) * C + offs_c[None, :]
             m9 = (rows16 < 9)[:, None] & mc[None, :]
             tl.store(bord_ptr + off, acc1, mask=m9)
             tl.store(bord_ptr + off + 9 * C, accx, mask=m9)
@@ -519,30 +532,34 @@ if HAS_TRITON:
 
     @triton.jit
     def _zconv_bwd_finalize_kernel(
-        part_ptr,  # (B, SPLITS, 3, C) from _zconv_bwd_reduce_kernel: partial sums of g', g' x^, x^
-        bord_ptr,  # (B, 2, 9, C) if HAS_E: per-class sums of g', x^ over the border pixels (class 4 unused)
+        part_ptr,  # (B, tiles, 3, C) from _zconv_bwd_reduce_kernel: per-tile sums of g', g' x^, x^
+        bord_ptr,  # (B, chunks, 2, 9, C) if HAS_E: per-class sums of g', x^ over chunks of border pixels
+                   # (class 4 unused)
         stat_ptr,  # (4, C): mean, invstd, scale, shift
         w_ptr,  # (C,) BN weight, if AFFINE
         cnt_ptr,  # (9,) pixels per border class, if HAS_E
         coef_ptr,  # (3, C) out: a, u, v of dL/dy = a g' + u + v y (y the pre-BN value; _zconv_bwd_kernel)
         ge_ptr,  # (B, 9, C) out if HAS_E: dL/dE
         gcb_ptr, gg_ptr, gb_ptr,  # (C,) out: dL/dconv bias, dL/dgamma, dL/dbeta
-        B, C, SPLITS, M,  # M = B * Hc * Wc pixels per channel
+        B, C, tiles, chunks, M,  # M = B * Hc * Wc pixels per channel
         BATCH_STATS: tl.constexpr, HAS_E: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        """Per channel: S1 = sum g', Sx = sum g' x^, X = sum x^ over the batch; with a = gamma invstd and
-        (batch statistics) k1 = S1 / M, k2 = Sx / M:
+        """Program (channel block, sample n). Per channel: S1 = sum g', Sx = sum g' x^, X = sum x^ over the
+        batch (every program sums all B * tiles rows: the few extra reads beat a second launch); with
+        a = gamma invstd and (batch statistics) k1 = S1 / M, k2 = Sx / M, program n == 0 writes
           dL/dbeta = S1, dL/dgamma = Sx, coef = (a, a (k2 mean invstd - k1), -a k2 invstd),
-          dL/dE[n, q] = a (S1[n, q] - count_q k1 - X[n, q] k2) (interior class 4 = sample total - border),
-          dL/dconv bias = sum over n, q of dL/dE, or a (S1 - M k1 - k2 X) without E."""
+          dL/dconv bias = sum_p dL/dy = a (S1 - M k1 - k2 X),
+        and each program its sample's dL/dE[n, q] = a (S1[n, q] - count_q k1 - X[n, q] k2) (interior class
+        4 = the sample's total minus its border classes)."""
         offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        n = tl.program_id(1)
         mc = offs_c < C
         offs_s = tl.arange(0, BLOCK_S)
         s1 = tl.zeros([BLOCK_C], ACC)
         sx = tl.zeros([BLOCK_C], ACC)
         xs = tl.zeros([BLOCK_C], ACC)
-        rows = B * SPLITS
+        rows = B * tiles
         for r0 in range(0, rows, BLOCK_S):  # (BLOCK_S partials x BLOCK_C channels) a step
             r = r0 + offs_s
             off = (r * 3 * C)[:, None] + offs_c[None, :]
@@ -563,37 +580,38 @@ if HAS_TRITON:
         else:
             k1 = tl.zeros([BLOCK_C], ACC)
             k2 = tl.zeros([BLOCK_C], ACC)
-        tl.store(coef_ptr + offs_c, a, mask=mc)
-        tl.store(coef_ptr + C + offs_c, a * (k2 * mean * invstd - k1), mask=mc)
-        tl.store(coef_ptr + 2 * C + offs_c, -a * k2 * invstd, mask=mc)
-        tl.store(gg_ptr + offs_c, sx, mask=mc)
-        tl.store(gb_ptr + offs_c, s1, mask=mc)
+        if n == 0:
+            tl.store(coef_ptr + offs_c, a, mask=mc)
+            tl.store(coef_ptr + C + offs_c, a * (k2 * mean * invstd - k1), mask=mc)
+            tl.store(coef_ptr + 2 * C + offs_c, -a * k2 * invstd, mask=mc)
+            tl.store(gg_ptr + offs_c, sx, mask=mc)
+            tl.store(gb_ptr + offs_c, s1, mask=mc)
+            tl.store(gcb_ptr + offs_c, a * (s1 - m * k1 - k2 * xs), mask=mc)
         if HAS_E:
-            gcb = tl.zeros([BLOCK_C], ACC)
-            for n in range(0, B):
-                t1 = tl.zeros([BLOCK_C], ACC)  # this sample's S1 and X, then minus its border classes
-                tx = tl.zeros([BLOCK_C], ACC)
-                for r0 in range(0, SPLITS, BLOCK_S):
-                    r = r0 + offs_s
-                    off = ((n * SPLITS + r) * 3 * C)[:, None] + offs_c[None, :]
-                    m2 = (r < SPLITS)[:, None] & mc[None, :]
-                    t1 += tl.sum(tl.load(part_ptr + off, mask=m2, other=0.0).to(ACC), axis=0)
-                    tx += tl.sum(tl.load(part_ptr + off + 2 * C, mask=m2, other=0.0).to(ACC), axis=0)
-                for q in tl.static_range(9):
-                    if q != 4:
-                        b1 = tl.load(bord_ptr + (n * 18 + q) * C + offs_c, mask=mc, other=0.0).to(ACC)
-                        bx = tl.load(bord_ptr + (n * 18 + 9 + q) * C + offs_c, mask=mc, other=0.0).to(ACC)
-                        ge = a * (b1 - tl.load(cnt_ptr + q).to(ACC) * k1 - bx * k2)
-                        tl.store(ge_ptr + (n * 9 + q) * C + offs_c, ge, mask=mc)
-                        gcb += ge
-                        t1 -= b1
-                        tx -= bx
-                ge = a * (t1 - tl.load(cnt_ptr + 4).to(ACC) * k1 - tx * k2)
-                tl.store(ge_ptr + (n * 9 + 4) * C + offs_c, ge, mask=mc)
-                gcb += ge
-        else:
-            gcb = a * (s1 - m * k1 - k2 * xs)  # sum_p dL/dy
-        tl.store(gcb_ptr + offs_c, gcb, mask=mc)
+            t1 = tl.zeros([BLOCK_C], ACC)  # this sample's S1 and X, then minus its border classes
+            tx = tl.zeros([BLOCK_C], ACC)
+            for r0 in range(0, tiles, BLOCK_S):
+                r = r0 + offs_s
+                off = ((n * tiles + r) * 3 * C)[:, None] + offs_c[None, :]
+                m2 = (r < tiles)[:, None] & mc[None, :]
+                t1 += tl.sum(tl.load(part_ptr + off, mask=m2, other=0.0).to(ACC), axis=0)
+                tx += tl.sum(tl.load(part_ptr + off + 2 * C, mask=m2, other=0.0).to(ACC), axis=0)
+            for q in tl.static_range(9):
+                if q != 4:
+                    b1 = tl.zeros([BLOCK_C], ACC)
+                    bx = tl.zeros([BLOCK_C], ACC)
+                    for r0 in range(0, chunks, BLOCK_S):
+                        r = r0 + offs_s
+                        off = ((n * chunks + r) * 18 + q)[:, None] * C + offs_c[None, :]
+                        m2 = (r < chunks)[:, None] & mc[None, :]
+                        b1 += tl.sum(tl.load(bord_ptr + off, mask=m2, other=0.0).to(ACC), axis=0)
+                        bx += tl.sum(tl.load(bord_ptr + off + 9 * C, mask=m2, other=0.0).to(ACC), axis=0)
+                    ge = a * (b1 - tl.load(cnt_ptr + q).to(ACC) * k1 - bx * k2)
+                    tl.store(ge_ptr + (n * 9 + q) * C + offs_c, ge, mask=mc)
+                    t1 -= b1
+                    tx -= bx
+            ge = a * (t1 - tl.load(cnt_ptr + 4).to(ACC) * k1 - tx * k2)
+            tl.store(ge_ptr + (n * 9 + 4) * C + offs_c, ge, mask=mc)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -633,25 +651,34 @@ def _pixel_stride(t: torch.Tensor) -> int:
     return t.stride(3) if t.shape[3] > 1 else t.stride(2)
 
 
-TILE = 1024  # elements per (BLOCK_P, BLOCK_C) tile: 8 fp32 registers per thread and tensor at 4 warps
+# Tile sizes (elements per (BLOCK_P, BLOCK_C) tile) and warps. The epilogue passes (forward, dL/dconv_out)
+# keep 1024-element tiles: bigger ones push the pooled epilogue past 200 registers per thread (sm_90). The
+# reductions (statistics, backward sums) sum RED_LOOP tiles of RED_TILE a program, lane by lane. FIN_ROWS x
+# FIN_CHANNELS: the partial rows and channels a finalize step merges at once. Chosen on an H200, batch 8
+# (bench/results/h200-2026-12-01-s14/zconv_sweep4.txt): one 4096-element tile a program at 8 warps with
+# 64-channel channels-last tiles, down 256 -> 512 training 1.42x / 1.41x the unfused block (fp32 / fp16);
+# 4 warps, 2 tiles and 32 channels, 1.50x / 1.69x. Bigger epilogue tiles changed little.
+TILE, TILE_WARPS = 1024, 4
+RED_TILE, RED_WARPS, RED_LOOP = 4096, 4, 2
+FIN_ROWS, FIN_CHANNELS = 128, 16
+BORDER_TILE = 256  # border lines are short: small tiles
+CL_BLOCK_C = 32  # channels of a channels-last tile
 
 
-def _tiles(c: int, channels_last: bool) -> tuple[int, int]:
-    """(BLOCK_P, BLOCK_C): TILE-element tiles, wide along the contiguous axis (C for channels-last, the
-    pixels for NCHW). Bigger tiles push the pooled epilogue past 200 registers per thread (sm_90)."""
-    block_c = min(64 if channels_last else 4, _next_pow2(c))
-    return max(16, TILE // block_c), block_c
+def _tiles(c: int, channels_last: bool, tile: int | None = None) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C) of `tile` (default TILE) elements, wide along the contiguous axis (C for
+    channels-last, the pixels for NCHW)."""
+    tile = TILE if tile is None else tile
+    block_c = min(CL_BLOCK_C if channels_last else 4, _next_pow2(c))
+    return max(16, tile // block_c), block_c
 
 
-def _splits(work_programs: int, tiles: int, device: torch.device) -> int:
-    """How many programs share one reduction (about 4 waves of programs on the GPU, 1-2 in the
-    interpreter)."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        want = max(1, (4 * sms + work_programs - 1) // max(work_programs, 1))
-    else:
-        want = 2
-    return max(1, min(tiles, want))
+def _tile_groups(pixels: int, block_p: int) -> tuple[int, int]:
+    """(tiles a reduction program sums, programs = partial rows a plane): RED_LOOP tiles, fewer where the
+    plane has fewer, so no program is empty."""
+    tiles = triton.cdiv(pixels, block_p)
+    loop = max(1, min(RED_LOOP, tiles))
+    return loop, triton.cdiv(tiles, loop)
 
 
 def _e_strides(e: torch.Tensor | None) -> tuple[int, int, int]:
@@ -665,100 +692,108 @@ def _check_numel(t: torch.Tensor) -> None:
 
 
 def _zconv_fwd(conv_out, e, cbias, gamma, beta, running_mean, running_var, batch_stats: bool, update: bool,
-               factor: float, eps: float, pool: bool, running_out=None):
-    """-> (out, stat (4, C): mean, invstd, scale, shift). With `update`, the new running statistics go to
-    running_out = (mean, var) if given, else into running_mean / running_var in place."""
+               factor: float, eps: float, pool: bool, out_channels_last: bool | None = None, running_out=None):
+    """-> (out, stat (4, C): mean, invstd, scale, shift). out is channels-last if out_channels_last (default:
+    as conv_out). With `update`, the new running statistics go to running_out = (mean, var) if given, else
+    into running_mean / running_var in place."""
     b, c, hc, wc = conv_out.shape
     _check_numel(conv_out)
     cl = _channels_last(conv_out)
+    out_cl = cl if out_channels_last is None else out_channels_last
     conv_out = _flat(conv_out, cl)
     ho, wo = (hc // 2, wc // 2) if pool else (hc, wc)
     acc, acc_t = _acc(conv_out), _acc_torch(conv_out)
-    block_p, block_c = _tiles(c, cl)
-    n_cb = triton.cdiv(c, block_c)
     e_sn, e_sq, e_sc = _e_strides(e)
     dummy = conv_out
     stat = _empty(4, c, device=conv_out.device, dtype=acc_t)
     part = None
-    splits = 1
+    n_rows = 0
     if batch_stats:
-        tpp = triton.cdiv(hc * wc, block_p)
-        splits = _splits(n_cb, b * tpp, conv_out.device)
-        part = _empty(splits, 3, c, device=conv_out.device, dtype=acc_t)
-        _zconv_stats_kernel[(n_cb, splits)](
+        block_p, block_c = _tiles(c, cl, RED_TILE)
+        loop, rpp = _tile_groups(hc * wc, block_p)
+        n_rows = b * rpp
+        part = _empty(n_rows, 3, c, device=conv_out.device, dtype=acc_t)
+        _zconv_stats_kernel[(rpp, triton.cdiv(c, block_c), b)](
             c_ptr=conv_out, e_ptr=e if e is not None else dummy, cb_ptr=cbias if cbias is not None else dummy,
-            part_ptr=part, C=c, Hc=hc, Wc=wc, n_tiles=b * tpp, tiles_per_plane=tpp, SPLITS=splits,
+            part_ptr=part, C=c, Hc=hc, Wc=wc, rows_per_plane=rpp,
             c_sn=conv_out.stride(0), c_sc=conv_out.stride(1), c_sw=_pixel_stride(conv_out),
             e_sn=e_sn, e_sq=e_sq, e_sc=e_sc, CL=cl, HAS_E=e is not None, HAS_CB=cbias is not None, ACC=acc,
-            BLOCK_P=block_p, BLOCK_C=block_c)
-    fin_block = min(1024, _next_pow2(c))
-    _zconv_finalize_kernel[(triton.cdiv(c, fin_block),)](
+            LOOP=loop, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=RED_WARPS)
+    _zconv_finalize_kernel[(triton.cdiv(c, FIN_CHANNELS),)](
         part_ptr=part if part is not None else stat, w_ptr=gamma if gamma is not None else stat,
         b_ptr=beta if beta is not None else stat,
         rm_ptr=running_mean if running_mean is not None else stat,
         rv_ptr=running_var if running_var is not None else stat,
         rm_out_ptr=running_out[0] if running_out is not None else (running_mean if update else stat),
         rv_out_ptr=running_out[1] if running_out is not None else (running_var if update else stat), stat_ptr=stat,
-        C=c, SPLITS=splits, eps=float(eps), factor=float(factor), BATCH_STATS=batch_stats, UPDATE=update,
-        AFFINE=gamma is not None, ACC=acc, BLOCK_C=fin_block)
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    out = _empty((b, c, ho, wo), device=conv_out.device, dtype=conv_out.dtype, memory_format=fmt)
+        C=c, n_rows=n_rows, eps=float(eps), factor=float(factor), BATCH_STATS=batch_stats, UPDATE=update,
+        AFFINE=gamma is not None, ACC=acc, BLOCK_S=FIN_ROWS, BLOCK_C=FIN_CHANNELS)
+    out = _empty((b, c, ho, wo), device=conv_out.device, dtype=conv_out.dtype,
+                 memory_format=torch.channels_last if out_cl else torch.contiguous_format)
     if out.numel() == 0:
         return out, stat
-    _zconv_fwd_kernel[(triton.cdiv(ho * wo, block_p), n_cb, b)](
+    block_p, block_c = _tiles(c, cl)
+    _zconv_fwd_kernel[(triton.cdiv(ho * wo, block_p), triton.cdiv(c, block_c), b)](
         c_ptr=conv_out, e_ptr=e if e is not None else dummy, cb_ptr=cbias if cbias is not None else dummy,
         stat_ptr=stat, out_ptr=out, C=c, Hc=hc, Wc=wc, Ho=ho, Wo=wo,
         c_sn=conv_out.stride(0), c_sc=conv_out.stride(1), c_sh=conv_out.stride(2), c_sw=conv_out.stride(3),
-        c_pw=_pixel_stride(conv_out), e_sn=e_sn, e_sq=e_sq, e_sc=e_sc, o_sn=out.stride(0), o_sc=out.stride(1), o_sw=_pixel_stride(out),
-        CL=cl, HAS_E=e is not None, HAS_CB=cbias is not None, POOL=pool, ACC=acc, BLOCK_P=block_p,
-        BLOCK_C=block_c)
+        c_pw=_pixel_stride(conv_out), e_sn=e_sn, e_sq=e_sq, e_sc=e_sc, o_sn=out.stride(0), o_sc=out.stride(1),
+        o_sw=_pixel_stride(out), CL=cl, O_CL=out_cl, HAS_E=e is not None, HAS_CB=cbias is not None, POOL=pool,
+        ACC=acc, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=TILE_WARPS)
     return out, stat
 
 
 def _zconv_bwd(grad_out, conv_out, e, cbias, gamma, stat, batch_stats: bool, pool: bool,
                need_e: bool):
-    """-> (dL/dconv_out, dL/dE (B, 9, C) or None, dL/dbias (C,), dL/dgamma (C,), dL/dbeta (C,)), the
-    per-channel ones in the accumulation dtype."""
+    """-> (dL/dconv_out in conv_out's layout, dL/dE (B, 9, C) or None, dL/dbias (C,), dL/dgamma (C,),
+    dL/dbeta (C,)), the per-channel ones in the accumulation dtype."""
     b, c, hc, wc = conv_out.shape
     cl = _channels_last(conv_out)
-    grad_out = _flat(grad_out, cl)
+    # dL/dout in conv_out's layout (a channels-last convolution inside an NCHW block gets it NCHW): the
+    # kernels read it along the same axis as conv_out; gathered across the other, its loads were 2-4 useful
+    # bytes a 32-byte sector.
+    grad_out = _flat(relayout(grad_out, cl), cl)
     ho, wo = grad_out.shape[2:]
     acc, acc_t = _acc(conv_out), _acc_torch(conv_out)
-    block_p, block_c = _tiles(c, cl)
-    n_cb = triton.cdiv(c, block_c)
-    tpp = triton.cdiv(hc * wc, block_p)
-    splits = _splits(n_cb * b, tpp, conv_out.device)
     e_sn, e_sq, e_sc = _e_strides(e)
     has_e = e is not None
     dummy = conv_out
-    part = _empty(b, splits, 3, c, device=conv_out.device, dtype=acc_t)
-    bord = _empty(b, 2, 9, c, device=conv_out.device, dtype=acc_t) if has_e else part
     common = dict(c_ptr=conv_out, e_ptr=e if has_e else dummy, cb_ptr=cbias if cbias is not None else dummy,
                   stat_ptr=stat, go_ptr=grad_out, C=c, Hc=hc, Wc=wc, Ho=ho, Wo=wo,
                   c_sn=conv_out.stride(0), c_sc=conv_out.stride(1), c_sw=_pixel_stride(conv_out),
                   e_sn=e_sn, e_sq=e_sq, e_sc=e_sc, go_sn=grad_out.stride(0), go_sc=grad_out.stride(1),
                   go_sh=grad_out.stride(2), go_sw=grad_out.stride(3), go_pw=_pixel_stride(grad_out),
-                  CL=cl, HAS_E=has_e, HAS_CB=cbias is not None, POOL=pool, ACC=acc, BLOCK_P=block_p, BLOCK_C=block_c)
-    _zconv_bwd_reduce_kernel[(n_cb, splits, b)](part_ptr=part, bord_ptr=bord, tiles_per_plane=tpp, SPLITS=splits,
-                                               BORDER=False, **common)
+                  CL=cl, HAS_E=has_e, HAS_CB=cbias is not None, POOL=pool, ACC=acc)
+    block_p, block_c = _tiles(c, cl, RED_TILE)
+    n_cb = triton.cdiv(c, block_c)
+    loop, rpp = _tile_groups(hc * wc, block_p)
+    part = _empty(b, rpp, 3, c, device=conv_out.device, dtype=acc_t)
+    # border pixels, in chunks of one program each: the two rows, then the two columns between them
+    bp, bc = _tiles(c, cl, BORDER_TILE)
+    chunks = triton.cdiv(wc * min(hc, 2) + max(hc - 2, 0) * min(wc, 2), bp) if has_e else 0
+    bord = _empty(b, chunks, 2, 9, c, device=conv_out.device, dtype=acc_t) if has_e else part
+    _zconv_bwd_reduce_kernel[(rpp, n_cb, b)](part_ptr=part, bord_ptr=bord, rows_per_plane=rpp, BORDER=False,
+                                            LOOP=loop, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=RED_WARPS,
+                                            **common)
     if has_e:
-        border = dict(common, BLOCK_P=max(16, 256 // block_c))  # border lines are short: small tiles
-        _zconv_bwd_reduce_kernel[(n_cb, 1, b)](part_ptr=part, bord_ptr=bord, tiles_per_plane=tpp, SPLITS=splits,
-                                              BORDER=True, **border)
+        _zconv_bwd_reduce_kernel[(chunks, triton.cdiv(c, bc), b)](
+            part_ptr=part, bord_ptr=bord, rows_per_plane=rpp, BORDER=True, LOOP=1, BLOCK_P=bp, BLOCK_C=bc,
+            num_warps=TILE_WARPS, **common)
     # The per-channel math between the two passes, in one launch (it was ~20 small torch ops a block).
     coef = _empty(3, c, device=conv_out.device, dtype=acc_t)
     grad_e = _empty(b, 9, c, device=conv_out.device, dtype=acc_t) if has_e else None
     grad_cb, d_gamma, d_beta = (_empty(c, device=conv_out.device, dtype=acc_t) for _ in range(3))
     counts = _tables(hc, wc, conv_out.device, acc_t)[1] if has_e else stat
-    fin_c = 32
-    _zconv_bwd_finalize_kernel[(triton.cdiv(c, fin_c),)](
+    _zconv_bwd_finalize_kernel[(triton.cdiv(c, FIN_CHANNELS), b if has_e else 1)](
         part_ptr=part, bord_ptr=bord, stat_ptr=stat, w_ptr=gamma if gamma is not None else stat, cnt_ptr=counts,
         coef_ptr=coef, ge_ptr=grad_e if has_e else coef, gcb_ptr=grad_cb, gg_ptr=d_gamma, gb_ptr=d_beta,
-        B=b, C=c, SPLITS=splits, M=b * hc * wc, BATCH_STATS=batch_stats, HAS_E=has_e, AFFINE=gamma is not None,
-        ACC=acc, BLOCK_S=32, BLOCK_C=fin_c)
+        B=b, C=c, tiles=rpp, chunks=chunks, M=b * hc * wc, BATCH_STATS=batch_stats, HAS_E=has_e, AFFINE=gamma is not None,
+        ACC=acc, BLOCK_S=FIN_ROWS, BLOCK_C=FIN_CHANNELS)
     grad_conv = _empty(conv_out.shape, device=conv_out.device, dtype=conv_out.dtype,
                        memory_format=torch.channels_last if cl else torch.contiguous_format)
-    _zconv_bwd_kernel[(tpp, n_cb, b)](coef_ptr=coef, gy_ptr=grad_conv, **common)
+    block_p, block_c = _tiles(c, cl)
+    _zconv_bwd_kernel[(triton.cdiv(hc * wc, block_p), triton.cdiv(c, block_c), b)](
+        coef_ptr=coef, gy_ptr=grad_conv, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=TILE_WARPS, **common)
     return grad_conv, grad_e if need_e else None, grad_cb, d_gamma, d_beta
 
 
@@ -771,9 +806,9 @@ class ZConvEpilogueFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, conv_out, e, cbias, gamma, beta, running_mean, running_var, batch_stats, update, factor,
-                eps, pool):
+                eps, pool, out_channels_last=None):
         out, stat = _zconv_fwd(conv_out, e, cbias, gamma, beta, running_mean, running_var, batch_stats, update,
-                               factor, eps, pool)
+                               factor, eps, pool, out_channels_last)
         ctx.save_for_backward(conv_out, e, cbias, gamma, stat)
         ctx.batch_stats, ctx.pool = batch_stats, pool
         return out
@@ -795,8 +830,7 @@ def _zconv_grads(ctx, grad_out, backward):
         return g.to(ref.dtype) if (wanted and ref is not None) else None
 
     return (grad_conv if need[0] else None, cast(grad_e, e, need[1]), cast(grad_cb, cbias, need[2]),
-            cast(grad_gamma, gamma, need[3]), cast(grad_beta, gamma, need[4]),
-            None, None, None, None, None, None, None)
+            cast(grad_gamma, gamma, need[3]), cast(grad_beta, gamma, need[4])) + (None,) * (len(need) - 5)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -885,12 +919,24 @@ def _log_once(why: str) -> None:
     log.info("zconv_block: using the PyTorch reference (%s)", why)
 
 
+# Down and same blocks given NCHW convolve channels-last (eagerly): cuDNN's kernels are NHWC on sm_80+, so an
+# NCHW convolution transposes x, its output, and in the backward dL/dconv_out (twice) and x again. Here x is
+# transposed once, the epilogue reads the channels-last output and writes the NCHW block output, and writes
+# dL/dconv_out channels-last; dL/dx comes back to NCHW in one more copy. Measured in
+# bench/results/h200-2026-12-01-s14.
+CONV_CHANNELS_LAST = True
+
+
 def _zconv_block_triton(x, zb, conv: nn.Conv2d, norm: nn.BatchNorm2d, mode: str, impl: str) -> torch.Tensor:
     # (B, C_out, Hc, Wc), no bias, no zb: cuDNN, or the split-K kernel on small maps at inference; an up
     # block's on the low-resolution map where its output is large (conv2d.upsampled_conv3x3)
+    out_cl = None
     if mode == "up":
         conv_out = upsampled_conv3x3(x, conv.weight, from_block(impl))
     else:
+        if CONV_CHANNELS_LAST and not torch.compiler.is_compiling() and not _channels_last(x):
+            out_cl = False
+            x = to_channels_last(x)
         conv_out = conv2d(x, conv.weight, None, (1, 1), from_block(impl))
     b, c, hc, wc = conv_out.shape
     if norm.num_features != c:
@@ -915,14 +961,14 @@ def _zconv_block_triton(x, zb, conv: nn.Conv2d, norm: nn.BatchNorm2d, mode: str,
             norm.running_mean if not norm.training or norm.track_running_stats else None,
             norm.running_var if not norm.training or norm.track_running_stats else None,
             batch_stats, update, float(factor), float(norm.eps), mode == "down")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # (out_cl is None here)
         out, _, running_mean, running_var = _zconv_op(*args)
         if update:
             with torch.no_grad():
                 norm.running_mean.copy_(running_mean)
                 norm.running_var.copy_(running_var)
         return out
-    return ZConvEpilogueFn.apply(*args)
+    return ZConvEpilogueFn.apply(*args, out_cl)
 
 
 def zconv_block(x: torch.Tensor, zb: torch.Tensor | None, conv: nn.Conv2d, norm: nn.BatchNorm2d,

@@ -107,7 +107,8 @@ def _check_against_reference(shape, mode, with_zb, training, dtype=torch.float64
     tol = TOL[dtype]
     assert out.dtype == x.dtype and out.shape == ref.shape
     if out.shape[1] > 1 and out.shape[2] * out.shape[3] > 1 and not zc._channels_last(x):
-        assert not zc._channels_last(out)  # NCHW stays NCHW, also where an up block convolves channels-last inside
+        # NCHW stays NCHW, also where the block convolves channels-last inside: its output and dL/dx
+        assert not zc._channels_last(out) and not zc._channels_last(grads[0])
     _assert_close(out, ref, tol, "output")
     names = ["x", "zb", "conv.weight", "conv.bias", "norm.weight", "norm.bias"]
     names = [n for n, t in zip(names, (x, zb, conv.weight, conv.bias, norm.weight, norm.bias)) if t is not None]
@@ -170,6 +171,33 @@ def test_channels_last_input_keeps_its_format(mode, poisoned):
     torch.manual_seed(0)
     out = _check_against_reference((2, 3, 4, 5, 7), mode, True, True, channels_last=True)
     assert out.is_contiguous(memory_format=torch.channels_last), "output must keep channels-last"
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """16-element tiles, 3 of them a reduction program (the last group partly past the plane), finalize
+    steps of 2 rows x 2 channels: several partial rows a plane and several border chunks, merged chunk by
+    chunk across several finalize programs; 4 x 4 tiles for the layout copy."""
+    for name, value in (("TILE", 16), ("RED_TILE", 16), ("RED_LOOP", 3), ("FIN_ROWS", 2), ("FIN_CHANNELS", 2),
+                        ("BORDER_TILE", 16)):
+        monkeypatch.setattr(zc, name, value)
+    monkeypatch.setattr(importlib.import_module("ostnet_fast.kernels.conv2d"), "RELAYOUT_BLOCK", 4)
+
+
+@triton_run
+@pytest.mark.parametrize("mode", ["same", "down"])
+@pytest.mark.parametrize("conv_channels_last", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_small_tiles_and_convolution_layouts(mode, conv_channels_last, channels_last, small_tiles, poisoned,
+                                             monkeypatch):
+    """Many tiles a plane; the convolution channels-last inside an NCHW block or in the input's layout."""
+    monkeypatch.setattr(zc, "CONV_CHANNELS_LAST", conv_channels_last)
+    layouts = []
+    real = zc.conv2d
+    monkeypatch.setattr(zc, "conv2d", lambda x, *a: layouts.append(zc._channels_last(x)) or real(x, *a))
+    for training in (True, False):
+        _check_against_reference((3, 3, 5, 7, 9), mode, True, training, channels_last=channels_last)
+    assert layouts == [conv_channels_last or channels_last] * 2
 
 
 @triton_run
