@@ -412,12 +412,12 @@ def relayout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     fmt = tu.memory_format(channels_last)
     if x.is_contiguous(memory_format=fmt):
         return x
-    x = tu.dense_4d(x)
-    if not (tu.HAS_TRITON and (x.is_cuda or interpreting())) or x.numel() == 0:
-        return x.contiguous(memory_format=fmt)
+    dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+    if not (dense and tu.HAS_TRITON and (x.is_cuda or interpreting())) or x.numel() == 0:
+        return x.contiguous(memory_format=fmt)  # (other strides: one copy either way)
     b, c, h, w = x.shape
-    tu.check_launch("relayout", 1, x.numel())
-    out = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=fmt)
+    tu.check_launch("relayout", b, c * h * w)
+    out = tu.empty_output(x.shape, device=x.device, dtype=x.dtype, memory_format=fmt)
     blk = RELAYOUT_BLOCK
     _relayout_kernel[(triton.cdiv(h * w, blk), triton.cdiv(c, blk), b)](
         x, out, c, h * w, x.stride(0), x.stride(1), tu.pixel_stride(x), out.stride(0), out.stride(1),
@@ -432,6 +432,7 @@ class _ToChannelsLastFn(torch.autograd.Function):
         return relayout(x, channels_last=True)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         return relayout(grad, ctx.channels_last)
 

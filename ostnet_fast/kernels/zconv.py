@@ -17,7 +17,7 @@ Fused path (`impl="triton"`, or "auto" on CUDA):
                tile's mean; merged chunk by chunk with Chan's formula, so no E[y^2] - E[y]^2 cancellation),
                one finalize launch (batch mean / invstd, running-stat update exactly as nn.BatchNorm2d:
                momentum or cumulative average, unbiased running variance), then the epilogue pass.
-  backward : one reduction pass (per-sample sums for the BN backward), one small launch over the O(H + W)
+  backward : one reduction pass (per-program partial sums for the BN backward), one small launch over the O(H + W)
              border pixels only (per-border-class sums, only with zb), one small launch for the per-channel
              math (_zconv_bwd_finalize_kernel), and one pass writing dL/dconv_out; the conv backward is
              cuDNN's (autograd of F.conv2d) and dL/dzb and the E part of dL/dW come from autograd of the tiny
@@ -31,9 +31,10 @@ H == 1 (or W == 1) the single row is both first and last: its class r = 0 then d
 
 Design limits: 3x3 conv, stride 1, padding 1, dilation 1, groups 1, zero padding (anything else takes the
 reference; impl="triton" raises). fp32 math (fp64 when conv_out is fp64: tests, gradcheck). Offsets are
-int32: B * C * H * W of the conv output must stay below 2**31. Tiles are (pixels x channels), addresses
-from the strides, so NCHW and channels-last both work (contiguous loads along W or along C). The BN
-momentum and eps reach the kernel as fp32 scalars (so fp64 running stats agree with PyTorch to ~1e-9).
+int32: B * C * H * W of the conv output, and of the backward's partial-sum buffers, must stay below
+2**31. Tiles are (pixels x channels), addresses from the strides, so NCHW and channels-last both work
+(contiguous loads along W or along C). The BN momentum and eps reach the kernel as fp32 scalars (so fp64
+running stats agree with PyTorch to ~1e-9).
 """
 from __future__ import annotations
 
@@ -192,10 +193,10 @@ if HAS_TRITON:
         LOOP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         """Count, mean and M2 of y = conv_out + bias + E[class] per channel over LOOP consecutive tiles;
-        program (tile group, channel block, sample). The first tile's mean is the shift K: the later tiles
-        add y - K and (y - K)^2 lane by lane (no cross-thread step inside the loop), and
-        mean = K + S1 / n, M2 = S2 - S1^2 / n, with |S1 / n| small against the spread (shifted data: no
-        E[y^2] - E[y]^2 cancellation)."""
+        program (tile group, channel block, sample). The first tile's mean is the shift K (one cross-thread
+        sum); every tile then adds y - K and (y - K)^2 lane by lane, and one cross-thread step at the end
+        gives mean = K + S1 / n, M2 = S2 - S1^2 / n, with |S1 / n| small against the spread (shifted data:
+        no E[y^2] - E[y]^2 cancellation)."""
         if CL:  # unit strides as constants: vector loads along C (NHWC) or along the pixels (NCHW)
             c_sc = 1
         else:
@@ -251,7 +252,7 @@ if HAS_TRITON:
         BATCH_STATS: tl.constexpr, UPDATE: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        """Per channel: the normalisation statistics (batch statistics from the per-tile partials, or the
+        """Per channel: the normalisation statistics (batch statistics from the per-program partials, or the
         running ones) and the folded scale / shift. The partials merge BLOCK_S rows at a time: a chunk's
         n = sum n_i, mean = sum n_i mean_i / n, M2 = sum M2_i + sum n_i (mean_i - mean)^2 (no E[y^2] - E[y]^2
         cancellation), and chunks combine with Chan's formula:
@@ -411,9 +412,10 @@ if HAS_TRITON:
         CL: tl.constexpr, HAS_E: tl.constexpr, HAS_CB: tl.constexpr, POOL: tl.constexpr, ACC: tl.constexpr,
         BORDER: tl.constexpr, LOOP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        """Not BORDER: program (tile group, channel block, sample) sums LOOP consecutive tiles. BORDER (a second launch, only with HAS_E; its own compiled variant, so the class
-        sums do not raise the register count of the main pass): program (chunk, channel block, sample) sums
-        one chunk of its sample's border pixels by class."""
+        """Not BORDER: program (tile group, channel block, sample) sums LOOP consecutive tiles. BORDER (a
+        second launch, only with HAS_E; its own compiled variant, so the class sums do not raise the register
+        count of the main pass): program (chunk, channel block, sample) sums one chunk of its sample's border
+        pixels by class."""
         if CL:  # unit strides as constants: vector loads along C (NHWC) or along the pixels (NCHW)
             c_sc = 1
             go_sc = 1
@@ -532,7 +534,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _zconv_bwd_finalize_kernel(
-        part_ptr,  # (B, tiles, 3, C) from _zconv_bwd_reduce_kernel: per-tile sums of g', g' x^, x^
+        part_ptr,  # (B, rows_per_plane, 3, C) from _zconv_bwd_reduce_kernel: sums of g', g' x^, x^
         bord_ptr,  # (B, chunks, 2, 9, C) if HAS_E: per-class sums of g', x^ over chunks of border pixels
                    # (class 4 unused)
         stat_ptr,  # (4, C): mean, invstd, scale, shift
@@ -541,12 +543,12 @@ if HAS_TRITON:
         coef_ptr,  # (3, C) out: a, u, v of dL/dy = a g' + u + v y (y the pre-BN value; _zconv_bwd_kernel)
         ge_ptr,  # (B, 9, C) out if HAS_E: dL/dE
         gcb_ptr, gg_ptr, gb_ptr,  # (C,) out: dL/dconv bias, dL/dgamma, dL/dbeta
-        B, C, tiles, chunks, M,  # M = B * Hc * Wc pixels per channel
+        B, C, rows_per_plane, chunks, M,  # M = B * Hc * Wc pixels per channel
         BATCH_STATS: tl.constexpr, HAS_E: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         """Program (channel block, sample n). Per channel: S1 = sum g', Sx = sum g' x^, X = sum x^ over the
-        batch (every program sums all B * tiles rows: the few extra reads beat a second launch); with
+        batch (every program sums all B * rows_per_plane rows: a few extra reads, not a second launch); with
         a = gamma invstd and (batch statistics) k1 = S1 / M, k2 = Sx / M, program n == 0 writes
           dL/dbeta = S1, dL/dgamma = Sx, coef = (a, a (k2 mean invstd - k1), -a k2 invstd),
           dL/dconv bias = sum_p dL/dy = a (S1 - M k1 - k2 X),
@@ -559,7 +561,7 @@ if HAS_TRITON:
         s1 = tl.zeros([BLOCK_C], ACC)
         sx = tl.zeros([BLOCK_C], ACC)
         xs = tl.zeros([BLOCK_C], ACC)
-        rows = B * tiles
+        rows = B * rows_per_plane
         for r0 in range(0, rows, BLOCK_S):  # (BLOCK_S partials x BLOCK_C channels) a step
             r = r0 + offs_s
             off = (r * 3 * C)[:, None] + offs_c[None, :]
@@ -590,10 +592,10 @@ if HAS_TRITON:
         if HAS_E:
             t1 = tl.zeros([BLOCK_C], ACC)  # this sample's S1 and X, then minus its border classes
             tx = tl.zeros([BLOCK_C], ACC)
-            for r0 in range(0, tiles, BLOCK_S):
+            for r0 in range(0, rows_per_plane, BLOCK_S):
                 r = r0 + offs_s
-                off = ((n * tiles + r) * 3 * C)[:, None] + offs_c[None, :]
-                m2 = (r < tiles)[:, None] & mc[None, :]
+                off = ((n * rows_per_plane + r) * 3 * C)[:, None] + offs_c[None, :]
+                m2 = (r < rows_per_plane)[:, None] & mc[None, :]
                 t1 += tl.sum(tl.load(part_ptr + off, mask=m2, other=0.0).to(ACC), axis=0)
                 tx += tl.sum(tl.load(part_ptr + off + 2 * C, mask=m2, other=0.0).to(ACC), axis=0)
             for q in tl.static_range(9):
@@ -772,6 +774,7 @@ def _zconv_bwd(grad_out, conv_out, e, cbias, gamma, stat, batch_stats: bool, poo
     bp, bc = _tiles(c, cl, BORDER_TILE)
     chunks = triton.cdiv(wc * min(hc, 2) + max(hc - 2, 0) * min(wc, 2), bp) if has_e else 0
     bord = _empty(b, chunks, 2, 9, c, device=conv_out.device, dtype=acc_t) if has_e else part
+    _check_numel(bord)  # on maps of 1-2 rows or columns it outgrows conv_out
     _zconv_bwd_reduce_kernel[(rpp, n_cb, b)](part_ptr=part, bord_ptr=bord, rows_per_plane=rpp, BORDER=False,
                                             LOOP=loop, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=RED_WARPS,
                                             **common)
@@ -787,8 +790,8 @@ def _zconv_bwd(grad_out, conv_out, e, cbias, gamma, stat, batch_stats: bool, poo
     _zconv_bwd_finalize_kernel[(triton.cdiv(c, FIN_CHANNELS), b if has_e else 1)](
         part_ptr=part, bord_ptr=bord, stat_ptr=stat, w_ptr=gamma if gamma is not None else stat, cnt_ptr=counts,
         coef_ptr=coef, ge_ptr=grad_e if has_e else coef, gcb_ptr=grad_cb, gg_ptr=d_gamma, gb_ptr=d_beta,
-        B=b, C=c, tiles=rpp, chunks=chunks, M=b * hc * wc, BATCH_STATS=batch_stats, HAS_E=has_e, AFFINE=gamma is not None,
-        ACC=acc, BLOCK_S=FIN_ROWS, BLOCK_C=FIN_CHANNELS)
+        B=b, C=c, rows_per_plane=rpp, chunks=chunks, M=b * hc * wc, BATCH_STATS=batch_stats, HAS_E=has_e,
+        AFFINE=gamma is not None, ACC=acc, BLOCK_S=FIN_ROWS, BLOCK_C=FIN_CHANNELS)
     grad_conv = _empty(conv_out.shape, device=conv_out.device, dtype=conv_out.dtype,
                        memory_format=torch.channels_last if cl else torch.contiguous_format)
     block_p, block_c = _tiles(c, cl)

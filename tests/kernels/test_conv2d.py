@@ -269,23 +269,30 @@ def test_blur_downsample_separable_matches_the_conv(scale, size, monkeypatch):
 @requires_triton_run()
 @pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 9, 1, 6), (3, 4, 5, 1)])
 @pytest.mark.parametrize("to_cl", [True, False])
-def test_relayout_kernel_copies_values_and_grads(shape, to_cl, monkeypatch):
-    """relayout (the Triton copy) both ways at odd sizes and several tiles (4 x 4), and to_channels_last's
-    grad back in x's layout."""
+def test_relayout_kernel_copies_values(shape, to_cl, monkeypatch, poisoned):
+    """relayout (the Triton copy) both ways at odd sizes, several 4 x 4 tiles, into a poisoned output."""
     monkeypatch.setattr(kc, "RELAYOUT_BLOCK", 4)
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(shape, generator=g, dtype=torch.float64).to(DEV)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(DEV)
     src = x if to_cl else x.contiguous(memory_format=torch.channels_last)
     out = kc.relayout(src, to_cl)
     assert tu.is_channels_last(out) == to_cl and torch.equal(out, x)
     assert kc.relayout(out, to_cl) is out
-    leaf = x.clone().requires_grad_()
-    y = kc.to_channels_last(leaf)
-    upstream = torch.randn(shape, generator=g, dtype=torch.float64).to(DEV).contiguous(
-        memory_format=torch.channels_last)
-    y.backward(upstream)
+
+
+@requires_triton_run()
+@pytest.mark.parametrize("x_channels_last", [False, True])
+def test_to_channels_last_grad_keeps_the_input_layout(x_channels_last, monkeypatch):
+    monkeypatch.setattr(kc, "RELAYOUT_BLOCK", 4)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 5, 7, 9, generator=g, dtype=torch.float64).to(DEV)
+    if x_channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y = kc.to_channels_last(x)
     assert tu.is_channels_last(y) and torch.equal(y, x)
-    assert leaf.grad.is_contiguous() and torch.equal(leaf.grad, upstream)
+    upstream = torch.randn(x.shape, generator=g, dtype=torch.float64).to(DEV)
+    (grad,) = torch.autograd.grad(y, x, upstream.contiguous(memory_format=torch.channels_last))
+    assert tu.is_channels_last(grad) == x_channels_last and torch.equal(grad, upstream)
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 7, 9, 3), (1, 3, 1, 1, 4), (1, 2, 1, 5, 2), (3, 4, 4, 3, 6)])

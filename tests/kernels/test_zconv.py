@@ -175,10 +175,11 @@ def test_channels_last_input_keeps_its_format(mode, poisoned):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """16-element tiles, 3 of them a reduction program (the last group partly past the plane), finalize
-    steps of 2 rows x 2 channels: several partial rows a plane and several border chunks, merged chunk by
-    chunk across several finalize programs; 4 x 4 tiles for the layout copy."""
-    for name, value in (("TILE", 16), ("RED_TILE", 16), ("RED_LOOP", 3), ("FIN_ROWS", 2), ("FIN_CHANNELS", 2),
+    """Tiles of 16 pixels (by 4 channels NCHW, by all of the test's channels-last), 3 of them a reduction
+    program (the last group partly past the plane), finalize steps of 1 row x 2 channels: several partial
+    rows a plane and several border chunks, each merged in several steps across several finalize programs;
+    4 x 4 tiles for the layout copy."""
+    for name, value in (("TILE", 16), ("RED_TILE", 16), ("RED_LOOP", 3), ("FIN_ROWS", 1), ("FIN_CHANNELS", 2),
                         ("BORDER_TILE", 16)):
         monkeypatch.setattr(zc, name, value)
     monkeypatch.setattr(importlib.import_module("ostnet_fast.kernels.conv2d"), "RELAYOUT_BLOCK", 4)
