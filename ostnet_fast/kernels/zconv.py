@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _triton_utils as tu
 from ._dispatch import forced, use_triton
 from .conv2d import conv2d, conv2d_module, from_block, relayout, to_channels_last, upsampled_conv3x3
 
@@ -620,37 +621,12 @@ if HAS_TRITON:
 # Launchers
 # ----------------------------------------------------------------------------------------------------
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
 def _acc(t: torch.Tensor):
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
 def _acc_torch(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _channels_last(t: torch.Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
-def _flat(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """t in NCHW or NHWC layout such that (h, w) flatten to one pixel index of stride t.stride(3)."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if t.is_contiguous(memory_format=fmt):
-        if t.shape[2] == 1 or t.shape[3] == 1 or t.stride(2) == t.shape[3] * t.stride(3):
-            return t
-    t = t.contiguous(memory_format=fmt)
-    if t.shape[2] > 1 and t.shape[3] > 1 and t.stride(2) != t.shape[3] * t.stride(3):  # pragma: no cover
-        t = t.contiguous()
-    return t
-
-
-def _pixel_stride(t: torch.Tensor) -> int:
-    """Stride of the flat (h, w) pixel index (W == 1 gives stride(2) its role)."""
-    return t.stride(3) if t.shape[3] > 1 else t.stride(2)
 
 
 # Tile sizes (elements per (BLOCK_P, BLOCK_C) tile) and warps. The epilogue passes (forward, dL/dconv_out)
@@ -671,7 +647,7 @@ def _tiles(c: int, channels_last: bool, tile: int | None = None) -> tuple[int, i
     """(BLOCK_P, BLOCK_C) of `tile` (default TILE) elements, wide along the contiguous axis (C for
     channels-last, the pixels for NCHW)."""
     tile = TILE if tile is None else tile
-    block_c = min(CL_BLOCK_C if channels_last else 4, _next_pow2(c))
+    block_c = min(CL_BLOCK_C if channels_last else 4, tu.next_pow2(c))
     return max(16, tile // block_c), block_c
 
 
@@ -700,9 +676,9 @@ def _zconv_fwd(conv_out, e, cbias, gamma, beta, running_mean, running_var, batch
     into running_mean / running_var in place."""
     b, c, hc, wc = conv_out.shape
     _check_numel(conv_out)
-    cl = _channels_last(conv_out)
+    cl = tu.is_channels_last(conv_out)
     out_cl = cl if out_channels_last is None else out_channels_last
-    conv_out = _flat(conv_out, cl)
+    conv_out = relayout(conv_out, cl)
     ho, wo = (hc // 2, wc // 2) if pool else (hc, wc)
     acc, acc_t = _acc(conv_out), _acc_torch(conv_out)
     e_sn, e_sq, e_sc = _e_strides(e)
@@ -718,7 +694,7 @@ def _zconv_fwd(conv_out, e, cbias, gamma, beta, running_mean, running_var, batch
         _zconv_stats_kernel[(rpp, triton.cdiv(c, block_c), b)](
             c_ptr=conv_out, e_ptr=e if e is not None else dummy, cb_ptr=cbias if cbias is not None else dummy,
             part_ptr=part, C=c, Hc=hc, Wc=wc, rows_per_plane=rpp,
-            c_sn=conv_out.stride(0), c_sc=conv_out.stride(1), c_sw=_pixel_stride(conv_out),
+            c_sn=conv_out.stride(0), c_sc=conv_out.stride(1), c_sw=tu.pixel_stride(conv_out),
             e_sn=e_sn, e_sq=e_sq, e_sc=e_sc, CL=cl, HAS_E=e is not None, HAS_CB=cbias is not None, ACC=acc,
             LOOP=loop, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=RED_WARPS)
     _zconv_finalize_kernel[(triton.cdiv(c, FIN_CHANNELS),)](
@@ -731,7 +707,7 @@ def _zconv_fwd(conv_out, e, cbias, gamma, beta, running_mean, running_var, batch
         C=c, n_rows=n_rows, eps=float(eps), factor=float(factor), BATCH_STATS=batch_stats, UPDATE=update,
         AFFINE=gamma is not None, ACC=acc, BLOCK_S=FIN_ROWS, BLOCK_C=FIN_CHANNELS)
     out = _empty((b, c, ho, wo), device=conv_out.device, dtype=conv_out.dtype,
-                 memory_format=torch.channels_last if out_cl else torch.contiguous_format)
+                 memory_format=tu.memory_format(out_cl))
     if out.numel() == 0:
         return out, stat
     block_p, block_c = _tiles(c, cl)
@@ -739,8 +715,8 @@ def _zconv_fwd(conv_out, e, cbias, gamma, beta, running_mean, running_var, batch
         c_ptr=conv_out, e_ptr=e if e is not None else dummy, cb_ptr=cbias if cbias is not None else dummy,
         stat_ptr=stat, out_ptr=out, C=c, Hc=hc, Wc=wc, Ho=ho, Wo=wo,
         c_sn=conv_out.stride(0), c_sc=conv_out.stride(1), c_sh=conv_out.stride(2), c_sw=conv_out.stride(3),
-        c_pw=_pixel_stride(conv_out), e_sn=e_sn, e_sq=e_sq, e_sc=e_sc, o_sn=out.stride(0), o_sc=out.stride(1),
-        o_sw=_pixel_stride(out), CL=cl, O_CL=out_cl, HAS_E=e is not None, HAS_CB=cbias is not None, POOL=pool,
+        c_pw=tu.pixel_stride(conv_out), e_sn=e_sn, e_sq=e_sq, e_sc=e_sc, o_sn=out.stride(0), o_sc=out.stride(1),
+        o_sw=tu.pixel_stride(out), CL=cl, O_CL=out_cl, HAS_E=e is not None, HAS_CB=cbias is not None, POOL=pool,
         ACC=acc, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=TILE_WARPS)
     return out, stat
 
@@ -750,11 +726,11 @@ def _zconv_bwd(grad_out, conv_out, e, cbias, gamma, stat, batch_stats: bool, poo
     """-> (dL/dconv_out in conv_out's layout, dL/dE (B, 9, C) or None, dL/dbias (C,), dL/dgamma (C,),
     dL/dbeta (C,)), the per-channel ones in the accumulation dtype."""
     b, c, hc, wc = conv_out.shape
-    cl = _channels_last(conv_out)
+    cl = tu.is_channels_last(conv_out)
     # dL/dout in conv_out's layout (a channels-last convolution inside an NCHW block gets it NCHW): the
     # kernels read it along the same axis as conv_out; gathered across the other, its loads were 2-4 useful
     # bytes a 32-byte sector.
-    grad_out = _flat(relayout(grad_out, cl), cl)
+    grad_out = relayout(grad_out, cl)
     ho, wo = grad_out.shape[2:]
     acc, acc_t = _acc(conv_out), _acc_torch(conv_out)
     e_sn, e_sq, e_sc = _e_strides(e)
@@ -762,9 +738,9 @@ def _zconv_bwd(grad_out, conv_out, e, cbias, gamma, stat, batch_stats: bool, poo
     dummy = conv_out
     common = dict(c_ptr=conv_out, e_ptr=e if has_e else dummy, cb_ptr=cbias if cbias is not None else dummy,
                   stat_ptr=stat, go_ptr=grad_out, C=c, Hc=hc, Wc=wc, Ho=ho, Wo=wo,
-                  c_sn=conv_out.stride(0), c_sc=conv_out.stride(1), c_sw=_pixel_stride(conv_out),
+                  c_sn=conv_out.stride(0), c_sc=conv_out.stride(1), c_sw=tu.pixel_stride(conv_out),
                   e_sn=e_sn, e_sq=e_sq, e_sc=e_sc, go_sn=grad_out.stride(0), go_sc=grad_out.stride(1),
-                  go_sh=grad_out.stride(2), go_sw=grad_out.stride(3), go_pw=_pixel_stride(grad_out),
+                  go_sh=grad_out.stride(2), go_sw=grad_out.stride(3), go_pw=tu.pixel_stride(grad_out),
                   CL=cl, HAS_E=has_e, HAS_CB=cbias is not None, POOL=pool, ACC=acc)
     block_p, block_c = _tiles(c, cl, RED_TILE)
     n_cb = triton.cdiv(c, block_c)
@@ -793,7 +769,7 @@ def _zconv_bwd(grad_out, conv_out, e, cbias, gamma, stat, batch_stats: bool, poo
         B=b, C=c, rows_per_plane=rpp, chunks=chunks, M=b * hc * wc, BATCH_STATS=batch_stats, HAS_E=has_e,
         AFFINE=gamma is not None, ACC=acc, BLOCK_S=FIN_ROWS, BLOCK_C=FIN_CHANNELS)
     grad_conv = _empty(conv_out.shape, device=conv_out.device, dtype=conv_out.dtype,
-                       memory_format=torch.channels_last if cl else torch.contiguous_format)
+                       memory_format=tu.memory_format(cl))
     block_p, block_c = _tiles(c, cl)
     _zconv_bwd_kernel[(triton.cdiv(hc * wc, block_p), triton.cdiv(c, block_c), b)](
         coef_ptr=coef, gy_ptr=grad_conv, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=TILE_WARPS, **common)
@@ -859,7 +835,7 @@ def _zconv_op(conv_out: torch.Tensor, e: torch.Tensor | None, cbias: torch.Tenso
 def _(conv_out, e, cbias, gamma, beta, running_mean, running_var, batch_stats, update, factor, eps, pool):
     b, c, hc, wc = conv_out.shape
     ho, wo = (hc // 2, wc // 2) if pool else (hc, wc)
-    fmt = torch.channels_last if _channels_last(conv_out) else torch.contiguous_format
+    fmt = tu.memory_format(tu.is_channels_last(conv_out))
     stat = conv_out.new_empty((4, c), dtype=_acc_torch(conv_out))
     return (torch.empty((b, c, ho, wo), device=conv_out.device, dtype=conv_out.dtype, memory_format=fmt), stat,
             torch.empty_like(running_mean) if update else stat.new_empty(0),
@@ -879,7 +855,7 @@ def _zconv_backward_op(grad_out: torch.Tensor, conv_out: torch.Tensor, e: torch.
 @_zconv_backward_op.register_fake
 def _(grad_out, conv_out, e, cbias, gamma, stat, batch_stats, pool, need_e):
     b, c = conv_out.shape[:2]
-    fmt = torch.channels_last if _channels_last(conv_out) else torch.contiguous_format
+    fmt = tu.memory_format(tu.is_channels_last(conv_out))
     acc_t = _acc_torch(conv_out)
     return (torch.empty(conv_out.shape, device=conv_out.device, dtype=conv_out.dtype, memory_format=fmt),
             conv_out.new_empty((b, 9, c), dtype=acc_t) if need_e and e is not None else stat.new_empty(0),
@@ -937,7 +913,7 @@ def _zconv_block_triton(x, zb, conv: nn.Conv2d, norm: nn.BatchNorm2d, mode: str,
     if mode == "up":
         conv_out = upsampled_conv3x3(x, conv.weight, from_block(impl))
     else:
-        if CONV_CHANNELS_LAST and not torch.compiler.is_compiling() and not _channels_last(x):
+        if CONV_CHANNELS_LAST and not torch.compiler.is_compiling() and not tu.is_channels_last(x):
             out_cl = False
             x = to_channels_last(x)
         conv_out = conv2d(x, conv.weight, None, (1, 1), from_block(impl))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from ostnet_fast.kernels import _triton_utils as tu
 from tests.conftest import requires_triton_run
 
 # The package re-exports the function `zconv_block` under the module's name: fetch the module itself.
@@ -106,9 +107,9 @@ def _check_against_reference(shape, mode, with_zb, training, dtype=torch.float64
     ref, ref_grads, _ = _run(zc.zconv_block_reference, x, zb, conv2, norm2, mode, up)
     tol = TOL[dtype]
     assert out.dtype == x.dtype and out.shape == ref.shape
-    if out.shape[1] > 1 and out.shape[2] * out.shape[3] > 1 and not zc._channels_last(x):
+    if out.shape[1] > 1 and out.shape[2] * out.shape[3] > 1 and not tu.is_channels_last(x):
         # NCHW stays NCHW, also where the block convolves channels-last inside: its output and dL/dx
-        assert not zc._channels_last(out) and not zc._channels_last(grads[0])
+        assert not tu.is_channels_last(out) and not tu.is_channels_last(grads[0])
     _assert_close(out, ref, tol, "output")
     names = ["x", "zb", "conv.weight", "conv.bias", "norm.weight", "norm.bias"]
     names = [n for n, t in zip(names, (x, zb, conv.weight, conv.bias, norm.weight, norm.bias)) if t is not None]
@@ -195,7 +196,7 @@ def test_small_tiles_and_convolution_layouts(mode, conv_channels_last, channels_
     monkeypatch.setattr(zc, "CONV_CHANNELS_LAST", conv_channels_last)
     layouts = []
     real = zc.conv2d
-    monkeypatch.setattr(zc, "conv2d", lambda x, *a: layouts.append(zc._channels_last(x)) or real(x, *a))
+    monkeypatch.setattr(zc, "conv2d", lambda x, *a: layouts.append(tu.is_channels_last(x)) or real(x, *a))
     for training in (True, False):
         _check_against_reference((3, 3, 5, 7, 9), mode, True, training, channels_last=channels_last)
     assert layouts == [conv_channels_last or channels_last] * 2
