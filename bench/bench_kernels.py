@@ -175,6 +175,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="batch 8 only, fewer iterations")
     ap.add_argument("--ops", default="", help=f"comma-separated subset of {', '.join(OPS)}")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph (GPU-time) columns")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="let cuDNN time its algorithms for each shape (torch.backends.cudnn.benchmark), both sides; "
+                         "bench_model.py always does")
     args = ap.parse_args(argv)
     unknown = set(filter(None, args.ops.split(","))) - set(OPS)
     if unknown:  # a misspelt name would otherwise measure nothing, silently
@@ -182,6 +185,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU", file=sys.stderr)
         return 2
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(0)
     iters = 20 if args.quick else 50
     wanted = set(filter(None, args.ops.split(",")))
@@ -224,7 +228,7 @@ def main(argv=None) -> int:
     print_table(rows, ["op", "shape", "dtype", "mode", "ours_ms", "baseline_ms", "speedup", "torch_best_ms",
                        "ours_gpu_ms", "baseline_gpu_ms", "speedup_gpu", "GB/s", "error"])
     write_json(out_dir(args.out), "kernels", rows,
-               baseline="pure-PyTorch reference (F.grid_sample / F.conv2d + add + BN + ReLU + pool); torch_best = constant-matrix TPS + F.grid_sample")
+               cudnn_benchmark=args.cudnn_benchmark, baseline="pure-PyTorch reference (F.grid_sample / F.conv2d + add + BN + ReLU + pool); torch_best = constant-matrix TPS + F.grid_sample")
     return 0
 
 
