@@ -418,10 +418,13 @@ def relayout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     b, c, h, w = x.shape
     tu.check_launch("relayout", b, c * h * w)
     out = tu.empty_output(x.shape, device=x.device, dtype=x.dtype, memory_format=fmt)
-    blk = RELAYOUT_BLOCK
-    _relayout_kernel[(triton.cdiv(h * w, blk), triton.cdiv(c, blk), b)](
+    # square tiles, but no wider along the pixels than a small plane (a 3x3 weight's 9 "pixels"): the
+    # channels take the rest of the tile
+    blk_p = min(RELAYOUT_BLOCK, max(tu.next_pow2(h * w), 4))
+    blk_c = RELAYOUT_BLOCK * RELAYOUT_BLOCK // blk_p
+    _relayout_kernel[(triton.cdiv(h * w, blk_p), triton.cdiv(c, blk_c), b)](
         x, out, c, h * w, x.stride(0), x.stride(1), tu.pixel_stride(x), out.stride(0), out.stride(1),
-        tu.pixel_stride(out), BLOCK_C=blk, BLOCK_P=blk, num_warps=4)
+        tu.pixel_stride(out), BLOCK_C=blk_c, BLOCK_P=blk_p, num_warps=4)
     return out
 
 

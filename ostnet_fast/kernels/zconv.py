@@ -9,7 +9,7 @@ Fused path (`impl="triton"`, or "auto" on CUDA):
   conv_out = F.conv2d(x or upsample(x), W, bias=None, padding=1)     cuDNN, autograd as usual (kernels.conv2d:
              the split-K kernel for small outputs at inference; large eager up blocks at low resolution).
              Down / same blocks given NCHW convolve channels-last (CONV_CHANNELS_LAST, below).
-  E        = (zb outer M) @ W                                           (B, 9, C_out), torch, fp32
+  E        = zb, W and the tap masks M in one matmul (border_bias)      (B, 9, C_out), torch, fp32
   out      = ZConvEpilogueFn(conv_out, E, conv.bias, BN params)          Triton:
     inference: one pass over conv_out: y = conv_out + bias + E[class] -> folded BN -> ReLU -> pool,
                written once in the block's memory format (the pre-pool tensor is never written);
@@ -123,16 +123,24 @@ def _tables(hc: int, wc: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor
 
 
 def border_bias(zb: torch.Tensor, weight: torch.Tensor, hc: int, wc: int, dtype) -> torch.Tensor:
-    """E[n, q, o] = sum_{c, ky, kx} W[o, c, ky, kx] zb[n, c] mask_q[ky, kx] -> (B, 9, C_out) in `dtype`.
-
-    One outer product (B, 9, C_in * 9) and one matmul against W viewed as (C_out, C_in * 9): W is never
-    copied or permuted. Differentiable (autograd gives dL/dzb and the E part of dL/dW)."""
-    masks, _ = _tables(hc, wc, zb.device, dtype)  # (9, 9)
+    """E[n, q, o] = sum_{c, ky, kx} W[o, c, ky, kx] zb[n, c] mask_q[ky, kx] -> (B, 9, C_out) in `dtype`,
+    contiguous (the kernels' loads of it are vector loads along C_out only then). One matmul against W as
+    it is laid out, never a copy of it; differentiable (autograd gives dL/dzb and the E part of dL/dW):
+    - channels-last W (the down / same blocks convolve so): per tap first, T[n, o, t] = sum_c zb[n, c]
+      W[o, c, t], a (B, C_in) x (C_in, C_out * 9) matmul against W viewed as (C_out * 9, C_in), then
+      E[n] = mask @ T[n]^T. H200, down 256 -> 512 training fp32: 30 us of matmuls forward + backward, where
+      the masked form below took 43 us;
+    - NCHW W: masked, (B * 9, C_in * 9) x (C_in * 9, C_out) against W viewed as (C_out, C_in * 9) (9x the
+      products, but per tap it would need W copied channels-last: slower on the up blocks' small W)."""
+    masks, _ = _tables(hc, wc, zb.device, dtype)  # (9 classes, 9 taps)
     b, cin = zb.shape
     cout = weight.shape[0]
-    k = zb.to(dtype)[:, None, :, None] * masks[None, :, None, :]  # (B, 9, C_in, 9)
-    e = k.reshape(b * 9, cin * 9) @ weight.to(dtype).reshape(cout, cin * 9).t()  # (B * 9, C_out)
-    return e.view(b, 9, cout)
+    zb = zb.to(dtype)
+    if tu.is_channels_last(weight):
+        w = weight.to(dtype).permute(0, 2, 3, 1).reshape(cout * 9, cin)  # rows (o, t): a view
+        return masks @ (zb @ w.t()).view(b, cout, 9).transpose(1, 2)
+    k = zb[:, None, :, None] * masks[None, :, None, :]  # (B, 9, C_in, 9)
+    return (k.reshape(b * 9, cin * 9) @ weight.to(dtype).reshape(cout, cin * 9).t()).view(b, 9, cout)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,7 +175,7 @@ if HAS_TRITON:
     def _zconv_channel_vectors(cb_ptr, e_base, stat_ptr, offs_c, mc, C, e_sq, e_sc,
                                HAS_E: tl.constexpr, HAS_CB: tl.constexpr, ACC: tl.constexpr):
         """Per-channel vectors of a tile: conv bias, interior E, and the BN statistics
-        stat = (4, C): mean, invstd, scale = gamma * invstd, shift = beta - mean * scale."""
+        stat = (4 + B, C): mean, invstd, scale = gamma * invstd, shift = beta - mean * scale (rows 0-3 here)."""
         if HAS_CB:
             cb = tl.load(cb_ptr + offs_c, mask=mc, other=0.0).to(ACC)
         else:
@@ -248,8 +256,8 @@ if HAS_TRITON:
         w_ptr, b_ptr,  # (C,) BN weight / bias, if AFFINE
         rm_ptr, rv_ptr,  # (C,) running mean / var: read
         rm_out_ptr, rv_out_ptr,  # (C,) out if UPDATE: the updated running stats (may be rm_ptr / rv_ptr)
-        stat_ptr,  # (4, C) out: mean, invstd, scale, shift
-        C, n_rows, eps, factor,
+        stat_ptr,  # (4 + B, C) out: mean, invstd, scale, shift, then X[n] = sum over sample n of x^
+        B, C, rows_per_plane, eps, factor,
         BATCH_STATS: tl.constexpr, UPDATE: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
@@ -259,11 +267,17 @@ if HAS_TRITON:
         cancellation), and chunks combine with Chan's formula:
           n = n_a + n_b, mean = mean_a + d n_b / n, M2 = M2_a + M2_b + d^2 n_a n_b / n, d = mean_b - mean_a.
         Running update as F.batch_norm:
-          running_mean = (1 - f) running_mean + f mean,  running_var = (1 - f) running_var + f M2 / (n - 1)."""
+          running_mean = (1 - f) running_mean + f mean,  running_var = (1 - f) running_var + f M2 / (n - 1).
+        Program (channel block, sample n): each merges all rows (a few extra reads, not a second launch);
+        program n == 0 writes the statistics and the running update, and each program its sample's
+        X[n] = sum_p x^ = invstd sum_rows n_i (mean_i - mean) over the sample's rows (0 without batch
+        statistics): the backward needs it (dL/dE) and so does not sum x^ again."""
         offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        n = tl.program_id(1)
         mc = offs_c < C
+        offs_s = tl.arange(0, BLOCK_S)
+        n_rows = B * rows_per_plane
         if BATCH_STATS:
-            offs_s = tl.arange(0, BLOCK_S)
             cnt = tl.zeros([BLOCK_C], ACC)
             mean = tl.zeros([BLOCK_C], ACC)
             m2 = tl.zeros([BLOCK_C], ACC)
@@ -286,7 +300,7 @@ if HAS_TRITON:
                 cnt = tot
             cnt = tl.where(mc, cnt, 2.0)  # lanes past C: keep them finite
             var = m2 / cnt
-            if UPDATE:
+            if UPDATE and n == 0:
                 rm = tl.load(rm_ptr + offs_c, mask=mc, other=0.0)
                 rv = tl.load(rv_ptr + offs_c, mask=mc, other=0.0)
                 new_rm = (1.0 - factor) * rm.to(ACC) + factor * mean
@@ -304,17 +318,28 @@ if HAS_TRITON:
             gamma = tl.full([BLOCK_C], 1.0, ACC)
             beta = tl.zeros([BLOCK_C], ACC)
         scale = gamma * invstd
-        tl.store(stat_ptr + offs_c, mean, mask=mc)
-        tl.store(stat_ptr + C + offs_c, invstd, mask=mc)
-        tl.store(stat_ptr + 2 * C + offs_c, scale, mask=mc)
-        tl.store(stat_ptr + 3 * C + offs_c, beta - mean * scale, mask=mc)
+        if n == 0:
+            tl.store(stat_ptr + offs_c, mean, mask=mc)
+            tl.store(stat_ptr + C + offs_c, invstd, mask=mc)
+            tl.store(stat_ptr + 2 * C + offs_c, scale, mask=mc)
+            tl.store(stat_ptr + 3 * C + offs_c, beta - mean * scale, mask=mc)
+        xn = tl.zeros([BLOCK_C], ACC)
+        if BATCH_STATS:
+            for r0 in range(0, rows_per_plane, BLOCK_S):
+                r = r0 + offs_s
+                m = (r < rows_per_plane)[:, None] & mc[None, :]
+                off = ((n * rows_per_plane + r) * 3 * C)[:, None] + offs_c[None, :]
+                cnt_s = tl.load(part_ptr + off, mask=m, other=0.0).to(ACC)
+                mean_s = tl.load(part_ptr + off + C, mask=m, other=0.0).to(ACC)
+                xn += tl.sum(cnt_s * (mean_s - mean[None, :]), axis=0)
+        tl.store(stat_ptr + (4 + n) * C + offs_c, xn * invstd, mask=mc)
 
     @triton.jit
     def _zconv_fwd_kernel(
         c_ptr,  # (B, C, Hc, Wc) conv output without bias, flat (h, w) plane
         e_ptr,  # (B, 9, C) E(zb) if HAS_E
         cb_ptr,  # (C,) conv bias if HAS_CB
-        stat_ptr,  # (4, C) mean, invstd, scale, shift
+        stat_ptr,  # (4 + B, C) mean, invstd, scale, shift, ...
         out_ptr,  # (B, C, Ho, Wo) out, flat (h, w) plane; Ho = Hc // 2 when POOL
         C, Hc, Wc, Ho, Wo,
         c_sn, c_sc, c_sh, c_sw, c_pw, e_sn, e_sq, e_sc, o_sn, o_sc, o_sw,
@@ -376,7 +401,9 @@ if HAS_TRITON:
     #   G[n, q, o] = a (S1[n, q] - count_q S1 / M - X[n, q] S2 / M),   X[n, q] = sum_{p in q} x^
     # (S1[n, q]: the class-q part of S1 for sample n). dL/dbias[o] = sum_{n, q} G. Only the 8 border classes
     # need class sums; the interior one is the per-sample total minus them, so the reduction pass takes
-    # per-sample totals of (g', g' x^, x^) over all pixels and class sums over the border pixels only.
+    # per-sample totals of (g', g' x^) over all pixels and class sums of (g', x^) over the border pixels
+    # only. The per-sample total of x^ (X[n], needed with batch statistics only) comes from the forward's
+    # statistics partials (_zconv_finalize_kernel): the reduction pass does not sum x^.
     # dL/dzb[n, c] and the E term of dL/dW follow from G by autograd of `border_bias`:
     #   dL/dzb[n, c] = sum_{o, q} G[n, q, o] sum_{ky, kx} W[o, c, ky, kx] mask_q[ky, kx].
 
@@ -404,10 +431,10 @@ if HAS_TRITON:
         c_ptr,  # (B, C, Hc, Wc) conv output, flat plane
         e_ptr,  # (B, 9, C) E if HAS_E
         cb_ptr,  # (C,) conv bias if HAS_CB
-        stat_ptr,  # (4, C) mean, invstd, scale, shift of the forward
+        stat_ptr,  # (4 + B, C) mean, invstd, scale, shift, ... of the forward
         go_ptr,  # (B, C, Ho, Wo) dL/dout
-        part_ptr,  # (B, rows_per_plane, 3, C) out: per-program sums of g', g' x^, x^
-        bord_ptr,  # (B, chunks, 2, 9, C) out if HAS_E: per-class sums of g', x^ over chunks of border pixels
+        part_ptr,  # (B, rows_per_plane, 2, C) out: per-program sums of g', g' x^
+        bord_ptr,  # (B, 2, 9, C) out if HAS_E: per-class sums of g', x^ over the border classes (4 unused)
         C, Hc, Wc, Ho, Wo, rows_per_plane,
         c_sn, c_sc, c_sw, e_sn, e_sq, e_sc, go_sn, go_sc, go_sh, go_sw, go_pw,
         CL: tl.constexpr, HAS_E: tl.constexpr, HAS_CB: tl.constexpr, POOL: tl.constexpr, ACC: tl.constexpr,
@@ -415,8 +442,8 @@ if HAS_TRITON:
     ):
         """Not BORDER: program (tile group, channel block, sample) sums LOOP consecutive tiles. BORDER (a
         second launch, only with HAS_E; its own compiled variant, so the class sums do not raise the register
-        count of the main pass): program (chunk, channel block, sample) sums one chunk of its sample's border
-        pixels by class."""
+        count of the main pass): program (border line, channel block, sample) sums the line's pixels by
+        class, BLOCK_P of them a step."""
         if CL:  # unit strides as constants: vector loads along C (NHWC) or along the pixels (NCHW)
             c_sc = 1
             go_sc = 1
@@ -437,7 +464,6 @@ if HAS_TRITON:
         if not BORDER:
             a1 = tl.zeros([BLOCK_P, BLOCK_C], ACC)
             a2 = tl.zeros([BLOCK_P, BLOCK_C], ACC)
-            ax = tl.zeros([BLOCK_P, BLOCK_C], ACC)
             for k in tl.static_range(LOOP):  # lane-wise sums, one cross-thread step at the end
                 offs_p = (pid_p * LOOP + k) * BLOCK_P + tl.arange(0, BLOCK_P)
                 mask2 = (offs_p < Hc * Wc)[:, None] & mc[None, :]
@@ -449,53 +475,58 @@ if HAS_TRITON:
                                              e_sq, e_sc, go_sc, go_sh, go_sw, HAS_E, POOL, ACC)
                 a1 += gp
                 a2 += gp * xh
-                ax += xh
-            base = part_ptr + (n * rows_per_plane + pid_p) * 3 * C + offs_c
+            base = part_ptr + (n * rows_per_plane + pid_p) * 2 * C + offs_c
             tl.store(base, tl.sum(a1, axis=0), mask=mc)
             tl.store(base + C, tl.sum(a2, axis=0), mask=mc)
-            tl.store(base + 2 * C, tl.sum(ax, axis=0), mask=mc)
         else:
-            # Border pixels: the rows 0 and Hc - 1 (all columns), then the columns 0 and Wc - 1 of the
-            # rows in between. n_rows = Wc * min(Hc, 2), n_cols = (Hc - 2) * min(Wc, 2). This program: the
-            # chunk pid_p of BLOCK_P of them, its class sums to row (n, pid_p) of bord.
-            n_rows = Wc * tl.minimum(Hc, 2)
-            inner = tl.maximum(Hc - 2, 0)
-            n_bord = n_rows + inner * tl.minimum(Wc, 2)
-            inner_div = tl.maximum(inner, 1)
-            rows16 = tl.arange(0, 16)
-            acc1 = tl.zeros([16, BLOCK_C], ACC)
-            accx = tl.zeros([16, BLOCK_C], ACC)
-            offs_b = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-            mask2 = (offs_b < n_bord)[:, None] & mc[None, :]
-            in_rows = offs_b < n_rows
-            rr = offs_b // Wc
-            k = offs_b - n_rows
-            kk = k // inner_div
-            cy = tl.where(in_rows, rr * (Hc - 1), 1 + k - kk * inner_div)
-            cx = tl.where(in_rows, offs_b - rr * Wc, kk * (Wc - 1))
-            c_off = (cy * (c_sw * Wc) + cx * c_sw)[:, None] + (offs_c * c_sc)[None, :]
-            y, gp, xh = _zconv_grad_tile(c_base, e_base, go_base, cb, e_mid, mean, invstd, scale, shift,
-                                         cy, cx, c_off, cy * go_sh + cx * go_sw, offs_c, mask2, Hc, Wc, Ho,
-                                         Wo, e_sq, e_sc, go_sc, go_sh, go_sw, HAS_E, POOL, ACC)
-            r = tl.where(cy == 0, 0, tl.where(cy == Hc - 1, 2, 1))
-            s = tl.where(cx == 0, 0, tl.where(cx == Wc - 1, 2, 1))
-            q = (3 * r + s)[:, None]
-            for kq in tl.static_range(9):
-                g_k = tl.sum(tl.where(q == kq, gp, 0.0), axis=0)
-                x_k = tl.sum(tl.where(q == kq, xh, 0.0), axis=0)
-                acc1 = tl.where(rows16[:, None] == kq, acc1 + g_k[None, :], acc1)
-                accx = tl.where(rows16[:, None] == kq, accx + x_k[None, :], accx)
-            off = ((n * tl.num_programs(0) + pid_p) * 18 + rows16[:, None]) * C + offs_c[None, :]
-            m9 = (rows16 < 9)[:, None] & mc[None, :]
-            tl.store(bord_ptr + off, acc1, mask=m9)
-            tl.store(bord_ptr + off + 9 * C, accx, mask=m9)
+            # Border line pid_p: 0 the row 0, 1 the row Hc - 1 (if Hc > 1), 2 the column 0 and 3 the column
+            # Wc - 1 (if Wc > 1) of the rows in between. A row's pixels fall in three classes (first, middle,
+            # last column), a column's in one (3 or 5). Each class has one line, so its sums go straight to
+            # bord; a line that does not exist writes zeros.
+            line = pid_p
+            is_row = line < 2
+            length = tl.where(is_row, Wc, tl.maximum(Hc - 2, 0))
+            length = tl.where(((line == 1) & (Hc < 2)) | ((line == 3) & (Wc < 2)), 0, length)
+            g0 = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+            g1 = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+            g2 = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+            x0 = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+            x1 = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+            x2 = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+            for start in range(0, length, BLOCK_P):
+                offs = start + tl.arange(0, BLOCK_P)
+                mask2 = (offs < length)[:, None] & mc[None, :]
+                cy = tl.where(is_row, tl.where(line == 0, 0, Hc - 1), 1 + offs)
+                cx = tl.where(is_row, offs, tl.where(line == 2, 0, Wc - 1))
+                c_off = (cy * (c_sw * Wc) + cx * c_sw)[:, None] + (offs_c * c_sc)[None, :]
+                y, gp, xh = _zconv_grad_tile(c_base, e_base, go_base, cb, e_mid, mean, invstd, scale, shift,
+                                             cy, cx, c_off, cy * go_sh + cx * go_sw, offs_c, mask2, Hc, Wc, Ho,
+                                             Wo, e_sq, e_sc, go_sc, go_sh, go_sw, HAS_E, POOL, ACC)
+                k = tl.where(is_row, tl.where(cx == 0, 0, tl.where(cx == Wc - 1, 2, 1)), 0)[:, None]
+                g0 += tl.where(k == 0, gp, 0.0)
+                g1 += tl.where(k == 1, gp, 0.0)
+                g2 += tl.where(k == 2, gp, 0.0)
+                x0 += tl.where(k == 0, xh, 0.0)
+                x1 += tl.where(k == 1, xh, 0.0)
+                x2 += tl.where(k == 2, xh, 0.0)
+            # first class of the line: 0 (row 0), 6 (row Hc - 1), 3 (column 0), 5 (column Wc - 1)
+            q0 = tl.where(line == 0, 0, tl.where(line == 1, 6, tl.where(line == 2, 3, 5)))
+            base_g = bord_ptr + (n * 18 + q0) * C + offs_c
+            base_x = base_g + 9 * C
+            tl.store(base_g, tl.sum(g0, axis=0), mask=mc)
+            tl.store(base_x, tl.sum(x0, axis=0), mask=mc)
+            if line < 2:
+                tl.store(base_g + C, tl.sum(g1, axis=0), mask=mc)
+                tl.store(base_x + C, tl.sum(x1, axis=0), mask=mc)
+                tl.store(base_g + 2 * C, tl.sum(g2, axis=0), mask=mc)
+                tl.store(base_x + 2 * C, tl.sum(x2, axis=0), mask=mc)
 
     @triton.jit
     def _zconv_bwd_kernel(
         c_ptr,  # (B, C, Hc, Wc) conv output, flat plane
         e_ptr,  # (B, 9, C) E if HAS_E
         cb_ptr,  # (C,) conv bias if HAS_CB
-        stat_ptr,  # (4, C) mean, invstd, scale, shift
+        stat_ptr,  # (4 + B, C) mean, invstd, scale, shift, ...
         coef_ptr,  # (3, C) a, u, v: dL/dy = a g' + u + v y
         go_ptr,  # (B, C, Ho, Wo) dL/dout
         gy_ptr,  # (B, C, Hc, Wc) out: dL/dconv_out, conv_out's strides
@@ -535,21 +566,20 @@ if HAS_TRITON:
 
     @triton.jit
     def _zconv_bwd_finalize_kernel(
-        part_ptr,  # (B, rows_per_plane, 3, C) from _zconv_bwd_reduce_kernel: sums of g', g' x^, x^
-        bord_ptr,  # (B, chunks, 2, 9, C) if HAS_E: per-class sums of g', x^ over chunks of border pixels
-                   # (class 4 unused)
-        stat_ptr,  # (4, C): mean, invstd, scale, shift
+        part_ptr,  # (B, rows_per_plane, 2, C) from _zconv_bwd_reduce_kernel: sums of g', g' x^
+        bord_ptr,  # (B, 2, 9, C) if HAS_E: per-class sums of g', x^ (class 4 unused)
+        stat_ptr,  # (4 + B, C): mean, invstd, scale, shift, X[n] (_zconv_finalize_kernel)
         w_ptr,  # (C,) BN weight, if AFFINE
         cnt_ptr,  # (9,) pixels per border class, if HAS_E
         coef_ptr,  # (3, C) out: a, u, v of dL/dy = a g' + u + v y (y the pre-BN value; _zconv_bwd_kernel)
         ge_ptr,  # (B, 9, C) out if HAS_E: dL/dE
         gcb_ptr, gg_ptr, gb_ptr,  # (C,) out: dL/dconv bias, dL/dgamma, dL/dbeta
-        B, C, rows_per_plane, chunks, M,  # M = B * Hc * Wc pixels per channel
+        B, C, rows_per_plane, M,  # M = B * Hc * Wc pixels per channel
         BATCH_STATS: tl.constexpr, HAS_E: tl.constexpr, AFFINE: tl.constexpr, ACC: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        """Program (channel block, sample n). Per channel: S1 = sum g', Sx = sum g' x^, X = sum x^ over the
-        batch (every program sums all B * rows_per_plane rows: a few extra reads, not a second launch); with
+        """Program (channel block, sample n). Per channel: S1 = sum g', Sx = sum g' x^ over the batch (every
+        program sums all B * rows_per_plane rows: a few extra reads, not a second launch), X = sum_n X[n]; with
         a = gamma invstd and (batch statistics) k1 = S1 / M, k2 = Sx / M, program n == 0 writes
           dL/dbeta = S1, dL/dgamma = Sx, coef = (a, a (k2 mean invstd - k1), -a k2 invstd),
           dL/dconv bias = sum_p dL/dy = a (S1 - M k1 - k2 X),
@@ -561,15 +591,16 @@ if HAS_TRITON:
         offs_s = tl.arange(0, BLOCK_S)
         s1 = tl.zeros([BLOCK_C], ACC)
         sx = tl.zeros([BLOCK_C], ACC)
-        xs = tl.zeros([BLOCK_C], ACC)
         rows = B * rows_per_plane
         for r0 in range(0, rows, BLOCK_S):  # (BLOCK_S partials x BLOCK_C channels) a step
             r = r0 + offs_s
-            off = (r * 3 * C)[:, None] + offs_c[None, :]
+            off = (r * 2 * C)[:, None] + offs_c[None, :]
             m2 = (r < rows)[:, None] & mc[None, :]
             s1 += tl.sum(tl.load(part_ptr + off, mask=m2, other=0.0).to(ACC), axis=0)
             sx += tl.sum(tl.load(part_ptr + off + C, mask=m2, other=0.0).to(ACC), axis=0)
-            xs += tl.sum(tl.load(part_ptr + off + 2 * C, mask=m2, other=0.0).to(ACC), axis=0)
+        xs = tl.zeros([BLOCK_C], ACC)
+        for i in range(B):
+            xs += tl.load(stat_ptr + (4 + i) * C + offs_c, mask=mc, other=0.0).to(ACC)
         mean = tl.load(stat_ptr + offs_c, mask=mc, other=0.0).to(ACC)
         invstd = tl.load(stat_ptr + C + offs_c, mask=mc, other=0.0).to(ACC)
         if AFFINE:
@@ -592,23 +623,16 @@ if HAS_TRITON:
             tl.store(gcb_ptr + offs_c, a * (s1 - m * k1 - k2 * xs), mask=mc)
         if HAS_E:
             t1 = tl.zeros([BLOCK_C], ACC)  # this sample's S1 and X, then minus its border classes
-            tx = tl.zeros([BLOCK_C], ACC)
+            tx = tl.load(stat_ptr + (4 + n) * C + offs_c, mask=mc, other=0.0).to(ACC)
             for r0 in range(0, rows_per_plane, BLOCK_S):
                 r = r0 + offs_s
-                off = ((n * rows_per_plane + r) * 3 * C)[:, None] + offs_c[None, :]
+                off = ((n * rows_per_plane + r) * 2 * C)[:, None] + offs_c[None, :]
                 m2 = (r < rows_per_plane)[:, None] & mc[None, :]
                 t1 += tl.sum(tl.load(part_ptr + off, mask=m2, other=0.0).to(ACC), axis=0)
-                tx += tl.sum(tl.load(part_ptr + off + 2 * C, mask=m2, other=0.0).to(ACC), axis=0)
             for q in tl.static_range(9):
                 if q != 4:
-                    b1 = tl.zeros([BLOCK_C], ACC)
-                    bx = tl.zeros([BLOCK_C], ACC)
-                    for r0 in range(0, chunks, BLOCK_S):
-                        r = r0 + offs_s
-                        off = ((n * chunks + r) * 18 + q)[:, None] * C + offs_c[None, :]
-                        m2 = (r < chunks)[:, None] & mc[None, :]
-                        b1 += tl.sum(tl.load(bord_ptr + off, mask=m2, other=0.0).to(ACC), axis=0)
-                        bx += tl.sum(tl.load(bord_ptr + off + 9 * C, mask=m2, other=0.0).to(ACC), axis=0)
+                    b1 = tl.load(bord_ptr + (n * 18 + q) * C + offs_c, mask=mc, other=0.0).to(ACC)
+                    bx = tl.load(bord_ptr + (n * 18 + 9 + q) * C + offs_c, mask=mc, other=0.0).to(ACC)
                     ge = a * (b1 - tl.load(cnt_ptr + q).to(ACC) * k1 - bx * k2)
                     tl.store(ge_ptr + (n * 9 + q) * C + offs_c, ge, mask=mc)
                     t1 -= b1
@@ -639,7 +663,7 @@ def _acc_torch(t: torch.Tensor) -> torch.dtype:
 TILE, TILE_WARPS = 1024, 4
 RED_TILE, RED_WARPS, RED_LOOP = 4096, 4, 2
 FIN_ROWS, FIN_CHANNELS = 128, 16
-BORDER_TILE = 256  # border lines are short: small tiles
+BORDER_PIXELS = 32  # pixels of a border line a step (by the epilogue tiles' channels)
 CL_BLOCK_C = 32  # channels of a channels-last tile
 
 
@@ -671,7 +695,7 @@ def _check_numel(t: torch.Tensor) -> None:
 
 def _zconv_fwd(conv_out, e, cbias, gamma, beta, running_mean, running_var, batch_stats: bool, update: bool,
                factor: float, eps: float, pool: bool, out_channels_last: bool | None = None, running_out=None):
-    """-> (out, stat (4, C): mean, invstd, scale, shift). out is channels-last if out_channels_last (default:
+    """-> (out, stat (4 + B, C): mean, invstd, scale, shift, X[n] (_zconv_finalize_kernel)). out is channels-last if out_channels_last (default:
     as conv_out). With `update`, the new running statistics go to running_out = (mean, var) if given, else
     into running_mean / running_var in place."""
     b, c, hc, wc = conv_out.shape
@@ -683,28 +707,27 @@ def _zconv_fwd(conv_out, e, cbias, gamma, beta, running_mean, running_var, batch
     acc, acc_t = _acc(conv_out), _acc_torch(conv_out)
     e_sn, e_sq, e_sc = _e_strides(e)
     dummy = conv_out
-    stat = _empty(4, c, device=conv_out.device, dtype=acc_t)
+    stat = _empty(4 + b, c, device=conv_out.device, dtype=acc_t)
     part = None
-    n_rows = 0
+    rpp = 0
     if batch_stats:
         block_p, block_c = _tiles(c, cl, RED_TILE)
         loop, rpp = _tile_groups(hc * wc, block_p)
-        n_rows = b * rpp
-        part = _empty(n_rows, 3, c, device=conv_out.device, dtype=acc_t)
+        part = _empty(b * rpp, 3, c, device=conv_out.device, dtype=acc_t)
         _zconv_stats_kernel[(rpp, triton.cdiv(c, block_c), b)](
             c_ptr=conv_out, e_ptr=e if e is not None else dummy, cb_ptr=cbias if cbias is not None else dummy,
             part_ptr=part, C=c, Hc=hc, Wc=wc, rows_per_plane=rpp,
             c_sn=conv_out.stride(0), c_sc=conv_out.stride(1), c_sw=tu.pixel_stride(conv_out),
             e_sn=e_sn, e_sq=e_sq, e_sc=e_sc, CL=cl, HAS_E=e is not None, HAS_CB=cbias is not None, ACC=acc,
             LOOP=loop, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=RED_WARPS)
-    _zconv_finalize_kernel[(triton.cdiv(c, FIN_CHANNELS),)](
+    _zconv_finalize_kernel[(triton.cdiv(c, FIN_CHANNELS), b)](
         part_ptr=part if part is not None else stat, w_ptr=gamma if gamma is not None else stat,
         b_ptr=beta if beta is not None else stat,
         rm_ptr=running_mean if running_mean is not None else stat,
         rv_ptr=running_var if running_var is not None else stat,
         rm_out_ptr=running_out[0] if running_out is not None else (running_mean if update else stat),
         rv_out_ptr=running_out[1] if running_out is not None else (running_var if update else stat), stat_ptr=stat,
-        C=c, n_rows=n_rows, eps=float(eps), factor=float(factor), BATCH_STATS=batch_stats, UPDATE=update,
+        B=b, C=c, rows_per_plane=rpp, eps=float(eps), factor=float(factor), BATCH_STATS=batch_stats, UPDATE=update,
         AFFINE=gamma is not None, ACC=acc, BLOCK_S=FIN_ROWS, BLOCK_C=FIN_CHANNELS)
     out = _empty((b, c, ho, wo), device=conv_out.device, dtype=conv_out.dtype,
                  memory_format=tu.memory_format(out_cl))
@@ -745,19 +768,16 @@ def _zconv_bwd(grad_out, conv_out, e, cbias, gamma, stat, batch_stats: bool, poo
     block_p, block_c = _tiles(c, cl, RED_TILE)
     n_cb = triton.cdiv(c, block_c)
     loop, rpp = _tile_groups(hc * wc, block_p)
-    part = _empty(b, rpp, 3, c, device=conv_out.device, dtype=acc_t)
-    # border pixels, in chunks of one program each: the two rows, then the two columns between them
-    bp, bc = _tiles(c, cl, BORDER_TILE)
-    chunks = triton.cdiv(wc * min(hc, 2) + max(hc - 2, 0) * min(wc, 2), bp) if has_e else 0
-    bord = _empty(b, chunks, 2, 9, c, device=conv_out.device, dtype=acc_t) if has_e else part
-    _check_numel(bord)  # on maps of 1-2 rows or columns it outgrows conv_out
+    part = _empty(b, rpp, 2, c, device=conv_out.device, dtype=acc_t)
+    bord = _empty(b, 2, 9, c, device=conv_out.device, dtype=acc_t) if has_e else part
     _zconv_bwd_reduce_kernel[(rpp, n_cb, b)](part_ptr=part, bord_ptr=bord, rows_per_plane=rpp, BORDER=False,
                                             LOOP=loop, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=RED_WARPS,
                                             **common)
-    if has_e:
-        _zconv_bwd_reduce_kernel[(chunks, triton.cdiv(c, bc), b)](
-            part_ptr=part, bord_ptr=bord, rows_per_plane=rpp, BORDER=True, LOOP=1, BLOCK_P=bp, BLOCK_C=bc,
-            num_warps=TILE_WARPS, **common)
+    if has_e:  # the four border lines
+        bc = _tiles(c, cl)[1]
+        _zconv_bwd_reduce_kernel[(4, triton.cdiv(c, bc), b)](
+            part_ptr=part, bord_ptr=bord, rows_per_plane=rpp, BORDER=True, LOOP=1, BLOCK_P=BORDER_PIXELS,
+            BLOCK_C=bc, num_warps=TILE_WARPS, **common)
     # The per-channel math between the two passes, in one launch (it was ~20 small torch ops a block).
     coef = _empty(3, c, device=conv_out.device, dtype=acc_t)
     grad_e = _empty(b, 9, c, device=conv_out.device, dtype=acc_t) if has_e else None
@@ -766,7 +786,7 @@ def _zconv_bwd(grad_out, conv_out, e, cbias, gamma, stat, batch_stats: bool, poo
     _zconv_bwd_finalize_kernel[(triton.cdiv(c, FIN_CHANNELS), b if has_e else 1)](
         part_ptr=part, bord_ptr=bord, stat_ptr=stat, w_ptr=gamma if gamma is not None else stat, cnt_ptr=counts,
         coef_ptr=coef, ge_ptr=grad_e if has_e else coef, gcb_ptr=grad_cb, gg_ptr=d_gamma, gb_ptr=d_beta,
-        B=b, C=c, rows_per_plane=rpp, chunks=chunks, M=b * hc * wc, BATCH_STATS=batch_stats, HAS_E=has_e,
+        B=b, C=c, rows_per_plane=rpp, M=b * hc * wc, BATCH_STATS=batch_stats, HAS_E=has_e,
         AFFINE=gamma is not None, ACC=acc, BLOCK_S=FIN_ROWS, BLOCK_C=FIN_CHANNELS)
     grad_conv = _empty(conv_out.shape, device=conv_out.device, dtype=conv_out.dtype,
                        memory_format=tu.memory_format(cl))
@@ -836,7 +856,7 @@ def _(conv_out, e, cbias, gamma, beta, running_mean, running_var, batch_stats, u
     b, c, hc, wc = conv_out.shape
     ho, wo = (hc // 2, wc // 2) if pool else (hc, wc)
     fmt = tu.memory_format(tu.is_channels_last(conv_out))
-    stat = conv_out.new_empty((4, c), dtype=_acc_torch(conv_out))
+    stat = conv_out.new_empty((4 + b, c), dtype=_acc_torch(conv_out))
     return (torch.empty((b, c, ho, wo), device=conv_out.device, dtype=conv_out.dtype, memory_format=fmt), stat,
             torch.empty_like(running_mean) if update else stat.new_empty(0),
             torch.empty_like(running_var) if update else stat.new_empty(0))
@@ -910,13 +930,16 @@ def _zconv_block_triton(x, zb, conv: nn.Conv2d, norm: nn.BatchNorm2d, mode: str,
     # (B, C_out, Hc, Wc), no bias, no zb: cuDNN, or the split-K kernel on small maps at inference; an up
     # block's on the low-resolution map where its output is large (conv2d.upsampled_conv3x3)
     out_cl = None
+    weight = conv.weight
     if mode == "up":
-        conv_out = upsampled_conv3x3(x, conv.weight, from_block(impl))
+        conv_out = upsampled_conv3x3(x, weight, from_block(impl))
     else:
         if CONV_CHANNELS_LAST and not torch.compiler.is_compiling() and not tu.is_channels_last(x):
             out_cl = False
             x = to_channels_last(x)
-        conv_out = conv2d(x, conv.weight, None, (1, 1), from_block(impl))
+        if tu.is_channels_last(x):  # cuDNN's channels-last convolution takes its weight so too: our copy,
+            weight = to_channels_last(weight)  # shared with E (else F.conv2d makes torch's slower one)
+        conv_out = conv2d(x, weight, None, (1, 1), from_block(impl))
     b, c, hc, wc = conv_out.shape
     if norm.num_features != c:
         raise ValueError(f"zconv_block: norm has {norm.num_features} features, conv gives {c} channels")
@@ -924,7 +947,7 @@ def _zconv_block_triton(x, zb, conv: nn.Conv2d, norm: nn.BatchNorm2d, mode: str,
     e = None
     if zb is not None:
         with torch.autocast(device_type=conv_out.device.type, enabled=False):
-            e = border_bias(zb, conv.weight, hc, wc, acc_t)  # (B, 9, C_out)
+            e = border_bias(zb, weight, hc, wc, acc_t)  # (B, 9, C_out)
     # F.batch_norm's rules: batch statistics in training or without running stats; the running stats are
     # updated only in training with track_running_stats.
     batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)

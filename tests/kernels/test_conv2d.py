@@ -280,6 +280,18 @@ def test_relayout_kernel_copies_values(shape, to_cl, monkeypatch, poisoned):
 
 
 @requires_triton_run()
+@pytest.mark.parametrize("to_cl", [True, False])
+def test_relayout_of_small_planes_takes_narrow_tiles(to_cl, monkeypatch, poisoned):
+    """Planes of a few pixels (a 3x3 weight's 9) get tiles no wider than the plane along the pixels and
+    wider along the channels: 8 pixels x 32 channels here, three channel tiles."""
+    monkeypatch.setattr(kc, "RELAYOUT_BLOCK", 16)
+    x = torch.randn(3, 70, 2, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(DEV)
+    src = x if to_cl else x.contiguous(memory_format=torch.channels_last)
+    out = kc.relayout(src, to_cl)
+    assert tu.is_channels_last(out) == to_cl and torch.equal(out, x)
+
+
+@requires_triton_run()
 @pytest.mark.parametrize("x_channels_last", [False, True])
 def test_to_channels_last_grad_keeps_the_input_layout(x_channels_last, monkeypatch):
     monkeypatch.setattr(kc, "RELAYOUT_BLOCK", 4)

@@ -27,6 +27,7 @@ SHAPES = [  # (B, C_in, C_out, H, W)
     (2, 4, 3, 5, 11),  # odd, W > H
     (2, 2, 3, 1, 6),  # single row: the row is first and last at once (degenerate class)
     (1, 3, 2, 2, 2),  # tiny even image, batch 1: no interior class
+    (2, 2, 3, 5, 1),  # single column: first and last at once, its pixels between the rows on one border line
 ]
 
 
@@ -178,10 +179,10 @@ def test_channels_last_input_keeps_its_format(mode, poisoned):
 def small_tiles(monkeypatch):
     """Tiles of 16 pixels (by 4 channels NCHW, by all of the test's channels-last), 3 of them a reduction
     program (the last group partly past the plane), finalize steps of 1 row x 2 channels: several partial
-    rows a plane and several border chunks, each merged in several steps across several finalize programs;
-    4 x 4 tiles for the layout copy."""
+    rows a plane, merged in several steps across several finalize programs; border lines 2 pixels a step
+    (a row's first and last class in different steps); 4 x 4 tiles for the layout copy."""
     for name, value in (("TILE", 16), ("RED_TILE", 16), ("RED_LOOP", 3), ("FIN_ROWS", 1), ("FIN_CHANNELS", 2),
-                        ("BORDER_TILE", 16)):
+                        ("BORDER_PIXELS", 2)):
         monkeypatch.setattr(zc, name, value)
     monkeypatch.setattr(importlib.import_module("ostnet_fast.kernels.conv2d"), "RELAYOUT_BLOCK", 4)
 
@@ -264,13 +265,20 @@ def test_float32_matches_reference():
     _check_against_reference((2, 5, 6, 9, 7), "down", True, True, dtype=torch.float32)
 
 
-def test_border_bias_equals_conv_of_broadcast():
+@pytest.mark.parametrize("weight_channels_last", [False, True])  # the masked form, the per-tap form
+def test_border_bias_equals_conv_of_broadcast(weight_channels_last):
     # E(b)[n, q, o] is conv(b broadcast over the image) at the pixels of class q (no conv bias)
     torch.manual_seed(0)
     weight = torch.randn(4, 3, 3, 3, dtype=torch.float64)
     zb = torch.randn(2, 3, dtype=torch.float64)
+    if weight_channels_last:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    assert tu.is_channels_last(weight) == weight_channels_last
+    zbg, wg = zb.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z, w: zc.border_bias(z, w, 5, 7, torch.float64), (zbg, wg))
     for h, w in [(5, 7), (1, 4), (2, 1), (1, 1)]:
         e = zc.border_bias(zb, weight, h, w, torch.float64)  # (2, 9, 4)
+        assert e.shape == (2, 9, 4) and e.is_contiguous()
         full = torch.nn.functional.conv2d(zb[:, :, None, None].expand(2, 3, h, w), weight, padding=1)
         rows = [0 if y == 0 else 2 if y == h - 1 else 1 for y in range(h)]
         cols = [0 if x == 0 else 2 if x == w - 1 else 1 for x in range(w)]
