@@ -24,7 +24,7 @@ constexpr int kThreads = 256;
 
 struct Taps {
   int x0, y0;
-  float wx1, wy1;
+  float wx0, wx1, wy0, wy1;
   bool m00, m01, m10, m11;  // zeros padding: a tap outside the image reads 0 and takes no grad
 };
 
@@ -40,6 +40,8 @@ __device__ __forceinline__ Taps bilinear_taps(float2 g, int H, int W) {
   t.y0 = static_cast<int>(y0f);
   t.wx1 = ix - x0f;
   t.wy1 = iy - y0f;
+  t.wx0 = 1.f - t.wx1;
+  t.wy0 = 1.f - t.wy1;
   const bool vx0 = t.x0 >= 0 && t.x0 < W, vx1 = t.x0 + 1 >= 0 && t.x0 + 1 < W;
   const bool vy0 = t.y0 >= 0 && t.y0 < H, vy1 = t.y0 + 1 >= 0 && t.y0 + 1 < H;
   t.m00 = vy0 && vx0;
@@ -68,6 +70,20 @@ __device__ __forceinline__ float4 load_pixel(const float4* p, bool valid) {
   return valid ? __ldg(p) : make_float4(0.f, 0.f, 0.f, 0.f);
 }
 
+// A sample's top-left tap in the packed (B, H, W, 4) image, and its 4 taps (0 outside the image).
+__device__ __forceinline__ int64_t packed_base(int64_t b, const Taps& t, int H, int W) {
+  return b * static_cast<int64_t>(H) * W + static_cast<int64_t>(t.y0) * W + t.x0;
+}
+
+struct Corners {
+  float4 v00, v01, v10, v11;
+};
+
+__device__ __forceinline__ Corners load_corners(const float4* packed, int64_t base, const Taps& t, int W) {
+  return {load_pixel(packed + base, t.m00), load_pixel(packed + base + 1, t.m01),
+          load_pixel(packed + base + W, t.m10), load_pixel(packed + base + W + 1, t.m11)};
+}
+
 // out[b, c, p] = sum of the 4 taps' weights times in[b, c, tap], read from the NCHW planes.
 __global__ void forward_kernel(const float* __restrict__ in, const float2* __restrict__ grid, float* __restrict__ out,
                                int C, int H, int W, int64_t HWo, int64_t total) {
@@ -75,7 +91,6 @@ __global__ void forward_kernel(const float* __restrict__ in, const float2* __res
   if (i >= total) return;
   const int64_t b = i / HWo, p = i - b * HWo;
   const Taps t = bilinear_taps(grid[i], H, W);
-  const float wx0 = 1.f - t.wx1, wy0 = 1.f - t.wy1;
   const int64_t plane = static_cast<int64_t>(H) * W;
   const float* src = in + b * C * plane + static_cast<int64_t>(t.y0) * W + t.x0;  // read only at valid taps
   float* dst = out + b * C * HWo + p;
@@ -87,7 +102,7 @@ __global__ void forward_kernel(const float* __restrict__ in, const float2* __res
     const float v01 = t.m01 ? __ldg(s + 1) : 0.f;
     const float v10 = t.m10 ? __ldg(s + W) : 0.f;
     const float v11 = t.m11 ? __ldg(s + W + 1) : 0.f;
-    dst[c * HWo] = wy0 * (wx0 * v00 + t.wx1 * v01) + t.wy1 * (wx0 * v10 + t.wx1 * v11);
+    dst[c * HWo] = t.wy0 * (t.wx0 * v00 + t.wx1 * v01) + t.wy1 * (t.wx0 * v10 + t.wx1 * v11);
   }
 }
 
@@ -98,15 +113,12 @@ __global__ void packed_forward_kernel(const float4* __restrict__ packed, const f
   if (i >= total) return;
   const int64_t b = i / HWo, p = i - b * HWo;
   const Taps t = bilinear_taps(grid[i], H, W);
-  const float wx0 = 1.f - t.wx1, wy0 = 1.f - t.wy1;
-  const int64_t base = b * static_cast<int64_t>(H) * W + static_cast<int64_t>(t.y0) * W + t.x0;
-  const float4 v00 = load_pixel(packed + base, t.m00), v01 = load_pixel(packed + base + 1, t.m01);
-  const float4 v10 = load_pixel(packed + base + W, t.m10), v11 = load_pixel(packed + base + W + 1, t.m11);
+  const Corners v = load_corners(packed, packed_base(b, t, H, W), t, W);
   const float r[kMaxChannels] = {
-      wy0 * (wx0 * v00.x + t.wx1 * v01.x) + t.wy1 * (wx0 * v10.x + t.wx1 * v11.x),
-      wy0 * (wx0 * v00.y + t.wx1 * v01.y) + t.wy1 * (wx0 * v10.y + t.wx1 * v11.y),
-      wy0 * (wx0 * v00.z + t.wx1 * v01.z) + t.wy1 * (wx0 * v10.z + t.wx1 * v11.z),
-      wy0 * (wx0 * v00.w + t.wx1 * v01.w) + t.wy1 * (wx0 * v10.w + t.wx1 * v11.w)};
+      t.wy0 * (t.wx0 * v.v00.x + t.wx1 * v.v01.x) + t.wy1 * (t.wx0 * v.v10.x + t.wx1 * v.v11.x),
+      t.wy0 * (t.wx0 * v.v00.y + t.wx1 * v.v01.y) + t.wy1 * (t.wx0 * v.v10.y + t.wx1 * v.v11.y),
+      t.wy0 * (t.wx0 * v.v00.z + t.wx1 * v.v01.z) + t.wy1 * (t.wx0 * v.v10.z + t.wx1 * v.v11.z),
+      t.wy0 * (t.wx0 * v.v00.w + t.wx1 * v.v01.w) + t.wy1 * (t.wx0 * v.v10.w + t.wx1 * v.v11.w)};
   float* dst = out + b * C * HWo + p;
 #pragma unroll
   for (int c = 0; c < kMaxChannels; ++c)
@@ -153,17 +165,17 @@ __global__ void backward_kernel(const float* __restrict__ grad_out, const float4
   if (i >= total) return;
   const int64_t b = i / HWo, p = i - b * HWo;
   const Taps t = bilinear_taps(grid[i], H, W);
-  const float wx0 = 1.f - t.wx1, wy0 = 1.f - t.wy1;
+  const float wx0 = t.wx0, wy0 = t.wy0;
   float gv[kMaxChannels] = {0.f, 0.f, 0.f, 0.f};
   const float* go = grad_out + b * C * HWo + p;
 #pragma unroll
   for (int c = 0; c < kMaxChannels; ++c)
     if (c < C) gv[c] = go[c * HWo];
   const float4 g = make_float4(gv[0], gv[1], gv[2], gv[3]);
-  const int64_t base = b * static_cast<int64_t>(H) * W + static_cast<int64_t>(t.y0) * W + t.x0;
+  const int64_t base = packed_base(b, t, H, W);
   if (kGridGrad) {
-    const float4 v00 = load_pixel(packed + base, t.m00), v01 = load_pixel(packed + base + 1, t.m01);
-    const float4 v10 = load_pixel(packed + base + W, t.m10), v11 = load_pixel(packed + base + W + 1, t.m11);
+    const Corners v = load_corners(packed, base, t, W);
+    const float4 &v00 = v.v00, &v01 = v.v01, &v10 = v.v10, &v11 = v.v11;
     // padding lanes hold g = 0 and v = 0, so summing all 4 lanes is the sum over the C channels
     const float dix = g.x * (wy0 * (v01.x - v00.x) + t.wy1 * (v11.x - v10.x)) +
                       g.y * (wy0 * (v01.y - v00.y) + t.wy1 * (v11.y - v10.y)) +
