@@ -9,9 +9,16 @@
 // one last pass writes back as NCHW. The packed copy is made once and kept for the backward (grid_sample.py).
 // A thread owns one output pixel: its grid grad is reduced in registers, no atomics for it.
 //
+// Small images (the backward's image and grad sums fit in one block's shared memory: 64x64 with 3 channels
+// is 96 KB), in batches big enough to fill the GPU, take a second set of kernels: one block per sample
+// stages the NCHW planes in shared memory, gathers from there, and sums the input grad with shared-memory
+// atomics before writing it once. No packed copy, no zero fill, no unpack, no L2 atomics.
+//
 // Maths and clamping are the Triton kernel's (_triton_utils.bilinear_taps), so the two paths agree to
 // rounding. Built by setup.py as ostnet_fast._C when OSTNET_BUILD_CUDA=1; optional (README).
 #include <torch/extension.h>
+
+#include <array>
 
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -195,6 +202,100 @@ __global__ void backward_kernel(const float* __restrict__ grad_out, const float4
   }
 }
 
+// ---- Images that fit in shared memory (a 64x64 3-channel image is 48 KB): one block per sample stages the
+// image's NCHW planes in shared memory; the forward and the grid grad gather from there, and the input grad
+// is summed with shared-memory atomics, then written to the NCHW grad once: no pack, no zero-filled global
+// scratch, no unpack, and none of the L2 atomics that bound the packed backward.
+
+constexpr int kSharedThreads = 1024;
+
+// dst[0:n] = src[0:n] by the whole block (float4 loads where both sides allow).
+__device__ __forceinline__ void load_to_shared(float* dst, const float* __restrict__ src, int n) {
+  if (n % 4 == 0 && reinterpret_cast<uintptr_t>(src) % alignof(float4) == 0) {
+    const float4* s4 = reinterpret_cast<const float4*>(src);
+    float4* d4 = reinterpret_cast<float4*>(dst);
+    for (int k = threadIdx.x; k < n / 4; k += blockDim.x) d4[k] = __ldg(s4 + k);
+  } else {
+    for (int k = threadIdx.x; k < n; k += blockDim.x) dst[k] = __ldg(src + k);
+  }
+}
+
+// A tap's offset in a plane: (y0, x0) may lie one pixel outside, so the offset is read only at valid taps.
+__device__ __forceinline__ int plane_offset(const Taps& t, int W) { return t.y0 * W + t.x0; }
+
+// Block b: out[b] from in[b] staged in shared memory (C planes of H * W floats).
+__global__ void __launch_bounds__(kSharedThreads) shared_forward_kernel(
+    const float* __restrict__ in, const float2* __restrict__ grid, float* __restrict__ out, int C, int H, int W,
+    int64_t HWo) {
+  extern __shared__ float img[];
+  const int64_t b = blockIdx.x;
+  const int plane = H * W;
+  load_to_shared(img, in + b * C * plane, C * plane);
+  __syncthreads();
+  const float2* g = grid + b * HWo;
+  float* dst = out + b * C * HWo;
+  for (int64_t p = threadIdx.x; p < HWo; p += blockDim.x) {
+    const Taps t = bilinear_taps(g[p], H, W);
+    const int o = plane_offset(t, W);
+#pragma unroll
+    for (int c = 0; c < kMaxChannels; ++c) {
+      if (c >= C) break;
+      const float* s = img + c * plane;
+      const float v00 = t.m00 ? s[o] : 0.f, v01 = t.m01 ? s[o + 1] : 0.f;
+      const float v10 = t.m10 ? s[o + W] : 0.f, v11 = t.m11 ? s[o + W + 1] : 0.f;
+      dst[c * HWo + p] = t.wy0 * (t.wx0 * v00 + t.wx1 * v01) + t.wy1 * (t.wx0 * v10 + t.wx1 * v11);
+    }
+  }
+}
+
+// Block b: the grads of sample b. Shared memory: the image (for the grid grad), then the input grad's sums.
+template <bool kInputGrad, bool kGridGrad>
+__global__ void __launch_bounds__(kSharedThreads) shared_backward_kernel(
+    const float* __restrict__ grad_out, const float* __restrict__ in, const float2* __restrict__ grid,
+    float* __restrict__ grad_in, float2* __restrict__ grad_grid, int C, int H, int W, int64_t HWo) {
+  extern __shared__ float smem[];
+  const int64_t b = blockIdx.x;
+  const int plane = H * W, n = C * plane;
+  float* img = smem;
+  float* acc = kGridGrad ? smem + n : smem;
+  if (kGridGrad) load_to_shared(img, in + b * n, n);
+  if (kInputGrad)
+    for (int k = threadIdx.x; k < n; k += blockDim.x) acc[k] = 0.f;
+  __syncthreads();
+  const float2* g = grid + b * HWo;
+  const float* go = grad_out + b * C * HWo;
+  for (int64_t p = threadIdx.x; p < HWo; p += blockDim.x) {
+    const Taps t = bilinear_taps(g[p], H, W);
+    const int o = plane_offset(t, W);
+    float dix = 0.f, diy = 0.f;
+#pragma unroll
+    for (int c = 0; c < kMaxChannels; ++c) {
+      if (c >= C) break;
+      const float gc = go[c * HWo + p];
+      if (kGridGrad) {  // see backward_kernel
+        const float* s = img + c * plane;
+        const float v00 = t.m00 ? s[o] : 0.f, v01 = t.m01 ? s[o + 1] : 0.f;
+        const float v10 = t.m10 ? s[o + W] : 0.f, v11 = t.m11 ? s[o + W + 1] : 0.f;
+        dix += gc * (t.wy0 * (v01 - v00) + t.wy1 * (v11 - v10));
+        diy += gc * (t.wx0 * (v10 - v00) + t.wx1 * (v11 - v01));
+      }
+      if (kInputGrad) {
+        float* a = acc + c * plane;
+        if (t.m00) atomicAdd(a + o, gc * t.wy0 * t.wx0);
+        if (t.m01) atomicAdd(a + o + 1, gc * t.wy0 * t.wx1);
+        if (t.m10) atomicAdd(a + o + W, gc * t.wy1 * t.wx0);
+        if (t.m11) atomicAdd(a + o + W + 1, gc * t.wy1 * t.wx1);
+      }
+    }
+    if (kGridGrad) grad_grid[b * HWo + p] = make_float2(dix * (0.5f * (W - 1)), diy * (0.5f * (H - 1)));
+  }
+  if (kInputGrad) {
+    __syncthreads();
+    float* dst = grad_in + b * n;
+    for (int k = threadIdx.x; k < n; k += blockDim.x) dst[k] = acc[k];
+  }
+}
+
 unsigned int blocks_for(int64_t n) { return static_cast<unsigned int>((n + kThreads - 1) / kThreads); }
 
 // Argument checks. The Python side (ostnet_fast/kernels/cuda_ext.py) calls these functions only for inputs
@@ -327,6 +428,99 @@ std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::
   return {grad_input, grad_grid};
 }
 
+
+// ---- Shared-memory kernels (one block per sample; the image, and for the backward its grad's sums, in
+// shared memory).
+
+// The most dynamic shared memory a block may use on this device (opt-in), queried once per device.
+int64_t shared_limit(int device) {
+  static std::array<int, 64> cache = [] { std::array<int, 64> a; a.fill(-1); return a; }();
+  TORCH_CHECK(device >= 0 && device < static_cast<int>(cache.size()), "grid_sample_shared: device index out of range");
+  if (cache[device] < 0) {
+    int bytes = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    cache[device] = bytes;
+  }
+  return cache[device];
+}
+
+// Bytes of shared memory for `planes` fp32 copies of one sample's C x H x W image.
+int64_t shared_bytes(const torch::Tensor& input, int planes) {
+  return planes * input.size(1) * input.size(2) * input.size(3) * static_cast<int64_t>(sizeof(float));
+}
+
+// The backward's image and grad sums (the larger need) fit in one block's shared memory on input's device.
+bool shared_fits(const torch::Tensor& input) {
+  check_image(input, "grid_sample_shared_fits");
+  return shared_bytes(input, 2) <= shared_limit(input.get_device());
+}
+
+template <typename Kernel>
+void allow_shared(Kernel kernel, int64_t bytes, int64_t limit, const char* op) {
+  TORCH_CHECK(bytes <= limit, op, ": the image does not fit in shared memory (check grid_sample_shared_fits)");
+  if (bytes > 48 * 1024)  // beyond the default a kernel must opt in
+    C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+torch::Tensor shared_forward(const torch::Tensor& input, const torch::Tensor& grid) {
+  const char* op = "grid_sample_shared_forward";
+  check_image(input, op);
+  check_grid(grid, input, input.size(0), op);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t HWo = grid.size(1) * grid.size(2);
+  auto out = torch::empty({B, C, grid.size(1), grid.size(2)}, input.options());
+  if (B * HWo == 0) return out;
+  const int64_t bytes = shared_bytes(input, 1);
+  allow_shared(shared_forward_kernel, bytes, shared_limit(input.get_device()), op);
+  shared_forward_kernel<<<static_cast<unsigned int>(B), kSharedThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(
+      input.data_ptr<float>(), reinterpret_cast<const float2*>(grid.data_ptr<float>()), out.data_ptr<float>(),
+      static_cast<int>(C), static_cast<int>(H), static_cast<int>(W), HWo);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// -> (grad_input NCHW fp32 or an empty tensor, grad_grid or an empty tensor).
+std::vector<torch::Tensor> shared_backward(const torch::Tensor& grad_out, const torch::Tensor& input,
+                                           const torch::Tensor& grid, bool need_input, bool need_grid) {
+  const char* op = "grid_sample_shared_backward";
+  check_image(input, op);
+  check_grid(grid, input, input.size(0), op);
+  const int64_t B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  TORCH_CHECK(grad_out.is_cuda() && grad_out.device() == input.device() && grad_out.dim() == 4 &&
+                  grad_out.is_contiguous() && grad_out.scalar_type() == torch::kFloat32 && grad_out.size(0) == B &&
+                  grad_out.size(1) == C && grad_out.size(2) == grid.size(1) && grad_out.size(3) == grid.size(2),
+              op, ": grad_out must be NCHW-contiguous fp32 (B, C, H, W) matching the input and the grid");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t HWo = grid.size(1) * grid.size(2);
+  const auto f32 = input.options();
+  // grad_input: the kernel writes every element from its sums; grad_grid: every thread writes its pixel's
+  torch::Tensor grad_input = need_input ? torch::empty({B, C, H, W}, f32) : torch::empty({0}, f32);
+  torch::Tensor grad_grid = need_grid ? torch::empty_like(grid) : torch::empty({0}, f32);
+  if (B * HWo == 0 || H * W == 0) {
+    if (need_input) grad_input.zero_();
+    if (need_grid) grad_grid.zero_();
+    return {grad_input, grad_grid};
+  }
+  if (!(need_input || need_grid)) return {grad_input, grad_grid};
+  const int64_t bytes = shared_bytes(input, static_cast<int>(need_input) + static_cast<int>(need_grid));
+  const int64_t limit = shared_limit(input.get_device());
+  const auto launch = [&](auto kernel) {
+    allow_shared(kernel, bytes, limit, op);
+    kernel<<<static_cast<unsigned int>(B), kSharedThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(
+        grad_out.data_ptr<float>(), input.data_ptr<float>(), reinterpret_cast<const float2*>(grid.data_ptr<float>()),
+        need_input ? grad_input.data_ptr<float>() : nullptr,
+        need_grid ? reinterpret_cast<float2*>(grad_grid.data_ptr<float>()) : nullptr, static_cast<int>(C),
+        static_cast<int>(H), static_cast<int>(W), HWo);
+  };
+  if (need_input && need_grid) launch(shared_backward_kernel<true, true>);
+  else if (need_input) launch(shared_backward_kernel<true, false>);
+  else launch(shared_backward_kernel<false, true>);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_input, grad_grid};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -339,4 +533,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grid_sample_packed_backward", &backward,
         "its backward: (grad_input NCHW, grad_grid), each an empty tensor where not needed", py::arg("grad_out"),
         py::arg("packed"), py::arg("grid"), py::arg("need_input"), py::arg("need_grid"));
+  m.def("grid_sample_shared_fits", &shared_fits,
+        "the image (B, C, H, W) and its grad's sums fit in one block's shared memory on its GPU", py::arg("input"));
+  m.def("grid_sample_shared_forward", &shared_forward, "grid_sample from the image staged in shared memory -> NCHW",
+        py::arg("input"), py::arg("grid"));
+  m.def("grid_sample_shared_backward", &shared_backward,
+        "its backward: (grad_input NCHW, grad_grid), each an empty tensor where not needed", py::arg("grad_out"),
+        py::arg("input"), py::arg("grid"), py::arg("need_input"), py::arg("need_grid"));
 }

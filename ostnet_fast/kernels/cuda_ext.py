@@ -1,6 +1,7 @@
 """The optional CUDA C++ extension `ostnet_fast._C` (sources in csrc/ext/): kernels for the cases where the
 Triton ones did not reach their target. Today one: grid_sample on NCHW fp32 images of 1 to 4 channels
-(csrc/ext/grid_sample_small_c.cu says why).
+(csrc/ext/grid_sample_small_c.cu says why), with two sets of kernels: images that fit in shared memory
+(the backward's image and grad sums in one block's, e.g. 64x64), batched, and the packed ones for the rest.
 
 It is built only on request, where nvcc and a CUDA build of torch are installed:
 
@@ -85,6 +86,43 @@ def grid_sample_applies(input: torch.Tensor, grid: torch.Tensor) -> bool:
     return (input.is_cuda and input.dtype == torch.float32 and grid.dtype == torch.float32
             and 1 <= input.shape[1] <= GRID_SAMPLE_MAX_CHANNELS and input.is_contiguous() and grid.is_contiguous()
             and grid.data_ptr() % 8 == 0 and enabled() and runs_on(input.device))
+
+
+# An image whose backward (the image and its grad's sums) fits in one block's shared memory takes the
+# shared-memory kernels (one block per sample) from this many samples; None: half the GPU's SMs, so the
+# blocks fill most of it (fewer samples leave SMs idle, where the packed kernels spread over all of them).
+SHARED_MIN_SAMPLES: int | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def grid_sample_shared(input: torch.Tensor) -> bool:
+    """Given grid_sample_applies: the image takes the shared-memory kernels (e.g. 64x64 with 3 channels,
+    48 KB; a build without them, or a GPU with too little shared memory, takes the packed ones)."""
+    ext = module()
+    if not hasattr(ext, "grid_sample_shared_fits"):
+        return False
+    if SHARED_MIN_SAMPLES is not None:
+        wanted = SHARED_MIN_SAMPLES
+    else:
+        index = input.device.index if input.device.index is not None else torch.cuda.current_device()
+        wanted = max(1, _sm_count(index) // 2)
+    return input.shape[0] >= wanted and ext.grid_sample_shared_fits(input)
+
+
+def grid_sample_shared_forward(input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    return module().grid_sample_shared_forward(input, grid)
+
+
+def grid_sample_shared_backward(grad_out: torch.Tensor, input: torch.Tensor, grid: torch.Tensor, need_input: bool,
+                                need_grid: bool):
+    """-> (grad_input (B, C, H_in, W_in) NCHW fp32 or None, grad_grid or None)."""
+    gin, ggrid = module().grid_sample_shared_backward(grad_out.contiguous().float(), input, grid, need_input,
+                                                       need_grid)
+    return (gin if need_input else None), (ggrid if need_grid else None)
 
 
 def grid_sample_pack(input: torch.Tensor) -> torch.Tensor:

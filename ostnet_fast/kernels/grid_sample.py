@@ -36,7 +36,10 @@ Triton path (what is fused, and the design limits):
   float4 atomic per tap. Eagerly, when a backward is to come, the copy is made once in the forward and
   saved for the backward (4/C times the input's size, 4/3 for images, held until the backward); the custom
   ops (torch.compile) make it in the backward. A forward with no backward to come gathers from the NCHW
-  planes. Where the extension is not built, or has no code for the GPU, these inputs take Triton.
+  planes. Images whose backward fits in one block's shared memory (the image and its grad's sums: 64x64
+  with 3 channels is 96 KB), in batches of at least cuda_ext.SHARED_MIN_SAMPLES, take its shared-memory
+  kernels instead: one block per sample, no copy, the input grad summed with shared-memory atomics.
+  Where the extension is not built, or has no code for the GPU, these inputs take Triton.
 """
 from __future__ import annotations
 
@@ -143,6 +146,8 @@ def _prepare(input: torch.Tensor, grid: torch.Tensor):
 def _grid_sample_fwd(input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """input (B, C, H_in, W_in) NCHW/channels-last, grid (B, H, W, 2) contiguous -> (B, C, H, W)."""
     if cuda_ext.grid_sample_applies(input, grid):
+        if cuda_ext.grid_sample_shared(input):
+            return cuda_ext.grid_sample_shared_forward(input, grid)
         return cuda_ext.grid_sample_forward(input, grid)
     b, c, h_in, w_in = input.shape
     _, h, w, _ = grid.shape
@@ -169,6 +174,8 @@ def _grid_sample_bwd(grad_out: torch.Tensor, input: torch.Tensor, grid: torch.Te
                      need_grid: bool):
     """-> (grad_input or None, grad_grid or None)."""
     if cuda_ext.grid_sample_applies(input, grid):
+        if cuda_ext.grid_sample_shared(input):
+            return cuda_ext.grid_sample_shared_backward(grad_out, input, grid, need_input, need_grid)
         return cuda_ext.grid_sample_backward(grad_out, cuda_ext.grid_sample_pack(input), grid, need_input, need_grid)
     b, c, h_in, w_in = input.shape
     _, h, w, _ = grid.shape
@@ -226,12 +233,13 @@ class GridSampleFn(torch.autograd.Function):
     def forward(ctx, input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         input, grid = _prepare(input, grid)
         # grid_sample() applies this Function only when a grad is wanted (without one it calls _grid_sample_fwd)
-        ctx.packed = cuda_ext.grid_sample_applies(input, grid)
+        ext = cuda_ext.grid_sample_applies(input, grid)
+        ctx.packed = ext and not cuda_ext.grid_sample_shared(input)
         if ctx.packed:  # the extension's packed copy serves the forward and is kept for the backward
             packed = cuda_ext.grid_sample_pack(input)
             ctx.save_for_backward(packed, grid)
             return cuda_ext.grid_sample_packed_forward(packed, grid, input.shape[1])
-        ctx.save_for_backward(input, grid)
+        ctx.save_for_backward(input, grid)  # (the shared-memory kernels take the input itself)
         return _grid_sample_fwd(input, grid)
 
     @staticmethod

@@ -78,8 +78,9 @@ def test_applies_only_to_cuda_tensors(monkeypatch):
     assert not cuda_ext.grid_sample_applies(x, grid)
 
 
-def _fake_module(calls):
-    """The compiled module's three functions, written with the reference (float64 inside), on any device."""
+def _fake_module(calls, shared=None):
+    """The compiled module's functions, written with the reference (float64 inside), on any device; with
+    `shared` (a bool: what grid_sample_shared_fits answers) also the shared-memory ones."""
     def pack(input):
         calls.append("pack")
         return F.pad(input.permute(0, 2, 3, 1), (0, 4 - input.shape[1])).contiguous()
@@ -101,8 +102,23 @@ def _fake_module(calls):
         _, gx, gg = _reference(unpacked(packed, grad_out.shape[1]), grid, grad_out)
         return (gx.float() if need_input else packed.new_empty(0)), (gg.float() if need_grid else grid.new_empty(0))
 
-    return types.SimpleNamespace(grid_sample_forward=forward, grid_sample_pack=pack,
-                                 grid_sample_packed_forward=packed_forward, grid_sample_packed_backward=backward)
+    def shared_forward(input, grid):
+        calls.append("shared_forward")
+        return gs.grid_sample_reference(input.double(), grid.double()).float()
+
+    def shared_backward(grad_out, input, grid, need_input, need_grid):
+        calls.append(("shared_backward", need_input, need_grid))
+        assert grad_out.is_contiguous() and grad_out.dtype == torch.float32
+        _, gx, gg = _reference(input, grid, grad_out)
+        return (gx.float() if need_input else input.new_empty(0)), (gg.float() if need_grid else grid.new_empty(0))
+
+    ext = types.SimpleNamespace(grid_sample_forward=forward, grid_sample_pack=pack,
+                                grid_sample_packed_forward=packed_forward, grid_sample_packed_backward=backward)
+    if shared is not None:
+        ext.grid_sample_shared_fits = lambda input: shared
+        ext.grid_sample_shared_forward = shared_forward
+        ext.grid_sample_shared_backward = shared_backward
+    return ext
 
 
 @triton_run
@@ -156,6 +172,54 @@ def test_custom_op_backward_routes_through_the_extension(monkeypatch):
     torch.testing.assert_close(gg, ref_gg.float())
 
 
+@triton_run
+@pytest.mark.parametrize("need", ["both", "input", "grid"])
+def test_images_in_shared_memory_take_the_shared_kernels(monkeypatch, need):
+    """An image that fits, in a batch of SHARED_MIN_SAMPLES or more: no pack, the input itself saved, the
+    shared-memory forward and backward called with the right arguments, their results handed back."""
+    calls = []
+    monkeypatch.setattr(cuda_ext, "module", lambda: _fake_module(calls, shared=True))
+    monkeypatch.setattr(cuda_ext, "grid_sample_applies", lambda input, grid: True)
+    monkeypatch.setattr(cuda_ext, "SHARED_MIN_SAMPLES", 2)
+    x, grid = _inputs((2, 3, 7, 9), (5, 6), "cpu")
+    x.requires_grad_(need in ("both", "input"))
+    grid.requires_grad_(need in ("both", "grid"))
+    out = gs.grid_sample(x, grid, impl="triton")
+    upstream = torch.randn(out.shape)
+    leaves = [t for t in (x, grid) if t.requires_grad]
+    grads = torch.autograd.grad(out, leaves, upstream)
+    ref_out, ref_gx, ref_gg = _reference(x, grid, upstream)
+    assert calls == ["shared_forward", ("shared_backward", x.requires_grad, grid.requires_grad)]
+    torch.testing.assert_close(out, ref_out.float())
+    for leaf, g in zip(leaves, grads):
+        torch.testing.assert_close(g, (ref_gx if leaf is x else ref_gg).float())
+    calls.clear()  # the custom ops' path (torch.compile) and a forward with no backward to come
+    gs._grid_sample_bwd(upstream, x.detach(), grid.detach(), True, True)
+    with torch.no_grad():
+        gs.grid_sample(x, grid, impl="triton")
+    assert calls == [("shared_backward", True, True), "shared_forward"]
+
+
+@triton_run
+@pytest.mark.parametrize("fits, min_samples", [(False, 1), (True, 3)])
+def test_shared_kernels_need_a_fit_and_enough_samples(monkeypatch, fits, min_samples):
+    calls = []
+    monkeypatch.setattr(cuda_ext, "module", lambda: _fake_module(calls, shared=fits))
+    monkeypatch.setattr(cuda_ext, "grid_sample_applies", lambda input, grid: True)
+    monkeypatch.setattr(cuda_ext, "SHARED_MIN_SAMPLES", min_samples)
+    x, grid = _inputs((2, 3, 7, 9), (5, 6), "cpu")
+    x.requires_grad_(True)
+    out = gs.grid_sample(x, grid, impl="triton")
+    torch.autograd.grad(out, x, torch.ones_like(out))
+    assert calls == ["pack", "packed_forward", ("backward", True, False)]
+
+
+def test_a_build_without_the_shared_kernels_takes_the_packed_ones(monkeypatch):
+    monkeypatch.setattr(cuda_ext, "module", lambda: _fake_module([]))
+    monkeypatch.setattr(cuda_ext, "SHARED_MIN_SAMPLES", 1)
+    assert not cuda_ext.grid_sample_shared(torch.zeros(2, 3, 4, 4))
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 needs_ext = pytest.mark.skipif(not torch.cuda.is_available() or cuda_ext.module() is None,
                                reason="needs CUDA and the built extension (OSTNET_BUILD_CUDA=1)")
@@ -182,12 +246,23 @@ def _poison_allocator():
     torch.cuda.synchronize()
 
 
+def _take(shared, x, monkeypatch):
+    """Send x's grid_sample to the shared-memory kernels (from one sample on) or to the packed ones (skip
+    where the image does not fit in shared memory)."""
+    monkeypatch.setattr(cuda_ext, "SHARED_MIN_SAMPLES", 1 if shared else 1 << 30)
+    if shared and not cuda_ext.module().grid_sample_shared_fits(x):
+        pytest.skip("the image does not fit in shared memory")
+    assert cuda_ext.grid_sample_shared(x) == shared
+
+
 @pytest.mark.gpu
 @needs_ext
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("in_shape,out_hw,exact", GPU_SHAPES)
-def test_gpu_matches_reference(in_shape, out_hw, exact):
+def test_gpu_matches_reference(in_shape, out_hw, exact, shared, monkeypatch):
     x, grid = _inputs(in_shape, out_hw, "cuda", seed=in_shape[1])
     assert cuda_ext.grid_sample_applies(x, grid)  # else this would test the Triton kernel
+    _take(shared, x, monkeypatch)
     x.requires_grad_(True)
     grid.requires_grad_(True)
     _poison_allocator()
@@ -216,11 +291,13 @@ def _assert_matches(x, grid, upstream, out, gx, gg, exact):
 
 @pytest.mark.gpu
 @needs_ext
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("in_shape,out_hw,exact", GPU_SHAPES)
-def test_gpu_forward_without_grad_and_custom_op_backward(in_shape, out_hw, exact):
+def test_gpu_forward_without_grad_and_custom_op_backward(in_shape, out_hw, exact, shared, monkeypatch):
     """The other two entries: a forward with no backward to come (the NCHW-plane kernel, no pack), and the
     backward that torch.compile's custom op calls (it packs the input itself)."""
     x, grid = _inputs(in_shape, out_hw, "cuda", seed=in_shape[1] + 1)
+    _take(shared, x, monkeypatch)
     _poison_allocator()
     with torch.no_grad():
         out = gs.grid_sample(x, grid, impl="triton")
@@ -231,12 +308,16 @@ def test_gpu_forward_without_grad_and_custom_op_backward(in_shape, out_hw, exact
 
 @pytest.mark.gpu
 @needs_ext
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("need_input,need_grid", [(True, False), (False, True)])
-def test_gpu_only_the_needed_grads(need_input, need_grid):
+def test_gpu_only_the_needed_grads(need_input, need_grid, shared):
     x, grid = _inputs((3, 3, 21, 17), (19, 23), "cuda", seed=5)
     upstream = torch.randn(3, 3, 19, 23, device="cuda")
     _poison_allocator()
-    gx, gg = cuda_ext.grid_sample_backward(upstream, cuda_ext.grid_sample_pack(x), grid, need_input, need_grid)
+    if shared:
+        gx, gg = cuda_ext.grid_sample_shared_backward(upstream, x, grid, need_input, need_grid)
+    else:
+        gx, gg = cuda_ext.grid_sample_backward(upstream, cuda_ext.grid_sample_pack(x), grid, need_input, need_grid)
     _, ref_gx, ref_gg = _reference(x, grid, upstream)
     assert (gx is not None) == need_input and (gg is not None) == need_grid
     if need_input:
@@ -273,8 +354,10 @@ def test_gpu_empty(in_shape, out_hw):
 
 @pytest.mark.gpu
 @needs_ext
-def test_gpu_agrees_with_the_triton_kernel():
+@pytest.mark.parametrize("shared", [False, True])
+def test_gpu_agrees_with_the_triton_kernel(shared, monkeypatch):
     x, grid = _inputs((4, 3, 45, 39), (41, 37), "cuda", seed=7)
+    _take(shared, x, monkeypatch)
     x.requires_grad_(True)
     grid.requires_grad_(True)
     upstream = torch.randn(4, 3, 41, 37, device="cuda")
@@ -317,10 +400,31 @@ def test_gpu_bad_arguments_raise():
 
 @pytest.mark.gpu
 @needs_ext
-def test_gpu_cuda_graph_replay():
+def test_gpu_which_images_take_the_shared_kernels():
+    """By default: an image whose backward fits in a block's shared memory, in a batch of half the SMs or
+    more (the benchmark's 16 x 3x64x64 at batch 8), not a 3x256x256 one (768 KB)."""
+    small = torch.zeros(128, 3, 64, 64, device="cuda")
+    large = torch.zeros(8, 3, 256, 256, device="cuda")
+    assert cuda_ext.module().grid_sample_shared_fits(small) and not cuda_ext.module().grid_sample_shared_fits(large)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert cuda_ext.grid_sample_shared(small) == (128 >= sms // 2)
+    assert not cuda_ext.grid_sample_shared(small[:sms // 2 - 1]) and not cuda_ext.grid_sample_shared(large)
+    grid = torch.zeros(8, 4, 4, 2, device="cuda")
+    with pytest.raises(RuntimeError, match="does not fit in shared memory"):
+        cuda_ext.module().grid_sample_shared_forward(large, grid)
+    with pytest.raises(RuntimeError, match="grad_out"):
+        cuda_ext.module().grid_sample_shared_backward(torch.zeros(8, 2, 4, 4, device="cuda"), large[:, :, :8, :8]
+                                                      .contiguous(), grid, True, True)
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("shared", [False, True])
+def test_gpu_cuda_graph_replay(shared, monkeypatch):
     """Forward + backward captured in a CUDA graph (as the fused path runs its frames), replayed on new data:
     the extension allocates through torch and launches on the current stream."""
     x, grid = _inputs((2, 3, 33, 35), (31, 29), "cuda", seed=9)
+    _take(shared, x, monkeypatch)
     x.requires_grad_(True)
     grid.requires_grad_(True)
     upstream = torch.randn(2, 3, 31, 29, device="cuda")
