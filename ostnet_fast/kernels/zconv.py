@@ -9,7 +9,7 @@ Fused path (`impl="triton"`, or "auto" on CUDA):
   conv_out = F.conv2d(x or upsample(x), W, bias=None, padding=1)     cuDNN, autograd as usual (kernels.conv2d:
              the split-K kernel for small outputs at inference; large eager up blocks at low resolution).
              Down / same blocks given NCHW convolve channels-last (CONV_CHANNELS_LAST, below).
-  E        = zb, W and the tap masks M in one matmul (border_bias)      (B, 9, C_out), torch, fp32
+  E        = from zb, W and the tap masks M by matmuls (border_bias)    (B, 9, C_out), torch, fp32
   out      = ZConvEpilogueFn(conv_out, E, conv.bias, BN params)          Triton:
     inference: one pass over conv_out: y = conv_out + bias + E[class] -> folded BN -> ReLU -> pool,
                written once in the block's memory format (the pre-pool tensor is never written);
@@ -124,8 +124,9 @@ def _tables(hc: int, wc: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor
 
 def border_bias(zb: torch.Tensor, weight: torch.Tensor, hc: int, wc: int, dtype) -> torch.Tensor:
     """E[n, q, o] = sum_{c, ky, kx} W[o, c, ky, kx] zb[n, c] mask_q[ky, kx] -> (B, 9, C_out) in `dtype`,
-    contiguous (the kernels' loads of it are vector loads along C_out only then). One matmul against W as
-    it is laid out, never a copy of it; differentiable (autograd gives dL/dzb and the E part of dL/dW):
+    contiguous (the kernels' loads of it are vector loads along C_out only then). Matmuls against W as it
+    is laid out (no relayout of it; a cast where W is not in `dtype`); differentiable (autograd gives dL/dzb
+    and the E part of dL/dW):
     - channels-last W (the down / same blocks convolve so): per tap first, T[n, o, t] = sum_c zb[n, c]
       W[o, c, t], a (B, C_in) x (C_in, C_out * 9) matmul against W viewed as (C_out * 9, C_in), then
       E[n] = mask @ T[n]^T. H200, down 256 -> 512 training fp32: 30 us of matmuls forward + backward, where
@@ -252,7 +253,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _zconv_finalize_kernel(
-        part_ptr,  # (n_rows, 3, C) from _zconv_stats_kernel, if BATCH_STATS
+        part_ptr,  # (B * rows_per_plane, 3, C) from _zconv_stats_kernel, if BATCH_STATS
         w_ptr, b_ptr,  # (C,) BN weight / bias, if AFFINE
         rm_ptr, rv_ptr,  # (C,) running mean / var: read
         rm_out_ptr, rv_out_ptr,  # (C,) out if UPDATE: the updated running stats (may be rm_ptr / rv_ptr)
@@ -268,12 +269,14 @@ if HAS_TRITON:
           n = n_a + n_b, mean = mean_a + d n_b / n, M2 = M2_a + M2_b + d^2 n_a n_b / n, d = mean_b - mean_a.
         Running update as F.batch_norm:
           running_mean = (1 - f) running_mean + f mean,  running_var = (1 - f) running_var + f M2 / (n - 1).
-        Program (channel block, sample n): each merges all rows (a few extra reads, not a second launch);
-        program n == 0 writes the statistics and the running update, and each program its sample's
-        X[n] = sum_p x^ = invstd sum_rows n_i (mean_i - mean) over the sample's rows (0 without batch
-        statistics): the backward needs it (dL/dE) and so does not sum x^ again."""
+        Program (channel block, g), g < G: each merges all rows (a few extra reads, not a second launch);
+        program g == 0 writes the statistics and the running update, and each program the samples
+        n = g, g + G, ...: X[n] = sum_p x^ = invstd sum_rows n_i (mean_i - mean) over the sample's rows (0
+        without batch statistics); the backward needs it (dL/dE) and so does not sum x^ again. G = min(B,
+        FIN_SAMPLE_PROGRAMS): the samples in parallel, the re-merged rows growing as G B, not B^2."""
         offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-        n = tl.program_id(1)
+        g = tl.program_id(1)
+        n_prog = tl.num_programs(1)
         mc = offs_c < C
         offs_s = tl.arange(0, BLOCK_S)
         n_rows = B * rows_per_plane
@@ -300,7 +303,7 @@ if HAS_TRITON:
                 cnt = tot
             cnt = tl.where(mc, cnt, 2.0)  # lanes past C: keep them finite
             var = m2 / cnt
-            if UPDATE and n == 0:
+            if UPDATE and g == 0:
                 rm = tl.load(rm_ptr + offs_c, mask=mc, other=0.0)
                 rv = tl.load(rv_ptr + offs_c, mask=mc, other=0.0)
                 new_rm = (1.0 - factor) * rm.to(ACC) + factor * mean
@@ -318,21 +321,22 @@ if HAS_TRITON:
             gamma = tl.full([BLOCK_C], 1.0, ACC)
             beta = tl.zeros([BLOCK_C], ACC)
         scale = gamma * invstd
-        if n == 0:
+        if g == 0:
             tl.store(stat_ptr + offs_c, mean, mask=mc)
             tl.store(stat_ptr + C + offs_c, invstd, mask=mc)
             tl.store(stat_ptr + 2 * C + offs_c, scale, mask=mc)
             tl.store(stat_ptr + 3 * C + offs_c, beta - mean * scale, mask=mc)
-        xn = tl.zeros([BLOCK_C], ACC)
-        if BATCH_STATS:
-            for r0 in range(0, rows_per_plane, BLOCK_S):
-                r = r0 + offs_s
-                m = (r < rows_per_plane)[:, None] & mc[None, :]
-                off = ((n * rows_per_plane + r) * 3 * C)[:, None] + offs_c[None, :]
-                cnt_s = tl.load(part_ptr + off, mask=m, other=0.0).to(ACC)
-                mean_s = tl.load(part_ptr + off + C, mask=m, other=0.0).to(ACC)
-                xn += tl.sum(cnt_s * (mean_s - mean[None, :]), axis=0)
-        tl.store(stat_ptr + (4 + n) * C + offs_c, xn * invstd, mask=mc)
+        for n in range(g, B, n_prog):
+            xn = tl.zeros([BLOCK_C], ACC)
+            if BATCH_STATS:
+                for r0 in range(0, rows_per_plane, BLOCK_S):
+                    r = r0 + offs_s
+                    m = (r < rows_per_plane)[:, None] & mc[None, :]
+                    off = ((n * rows_per_plane + r) * 3 * C)[:, None] + offs_c[None, :]
+                    cnt_s = tl.load(part_ptr + off, mask=m, other=0.0).to(ACC)
+                    mean_s = tl.load(part_ptr + off + C, mask=m, other=0.0).to(ACC)
+                    xn += tl.sum(cnt_s * (mean_s - mean[None, :]), axis=0)
+            tl.store(stat_ptr + (4 + n) * C + offs_c, xn * invstd, mask=mc)
 
     @triton.jit
     def _zconv_fwd_kernel(
@@ -622,23 +626,24 @@ if HAS_TRITON:
             tl.store(gb_ptr + offs_c, s1, mask=mc)
             tl.store(gcb_ptr + offs_c, a * (s1 - m * k1 - k2 * xs), mask=mc)
         if HAS_E:
-            t1 = tl.zeros([BLOCK_C], ACC)  # this sample's S1 and X, then minus its border classes
-            tx = tl.load(stat_ptr + (4 + n) * C + offs_c, mask=mc, other=0.0).to(ACC)
-            for r0 in range(0, rows_per_plane, BLOCK_S):
-                r = r0 + offs_s
-                off = ((n * rows_per_plane + r) * 2 * C)[:, None] + offs_c[None, :]
-                m2 = (r < rows_per_plane)[:, None] & mc[None, :]
-                t1 += tl.sum(tl.load(part_ptr + off, mask=m2, other=0.0).to(ACC), axis=0)
-            for q in tl.static_range(9):
-                if q != 4:
-                    b1 = tl.load(bord_ptr + (n * 18 + q) * C + offs_c, mask=mc, other=0.0).to(ACC)
-                    bx = tl.load(bord_ptr + (n * 18 + 9 + q) * C + offs_c, mask=mc, other=0.0).to(ACC)
-                    ge = a * (b1 - tl.load(cnt_ptr + q).to(ACC) * k1 - bx * k2)
-                    tl.store(ge_ptr + (n * 9 + q) * C + offs_c, ge, mask=mc)
-                    t1 -= b1
-                    tx -= bx
-            ge = a * (t1 - tl.load(cnt_ptr + 4).to(ACC) * k1 - tx * k2)
-            tl.store(ge_ptr + (n * 9 + 4) * C + offs_c, ge, mask=mc)
+            if n < B:  # (an empty batch still runs one program: the per-channel outputs above)
+                t1 = tl.zeros([BLOCK_C], ACC)  # this sample's S1 and X, then minus its border classes
+                tx = tl.load(stat_ptr + (4 + n) * C + offs_c, mask=mc, other=0.0).to(ACC)
+                for r0 in range(0, rows_per_plane, BLOCK_S):
+                    r = r0 + offs_s
+                    off = ((n * rows_per_plane + r) * 2 * C)[:, None] + offs_c[None, :]
+                    m2 = (r < rows_per_plane)[:, None] & mc[None, :]
+                    t1 += tl.sum(tl.load(part_ptr + off, mask=m2, other=0.0).to(ACC), axis=0)
+                for q in tl.static_range(9):
+                    if q != 4:
+                        b1 = tl.load(bord_ptr + (n * 18 + q) * C + offs_c, mask=mc, other=0.0).to(ACC)
+                        bx = tl.load(bord_ptr + (n * 18 + 9 + q) * C + offs_c, mask=mc, other=0.0).to(ACC)
+                        ge = a * (b1 - tl.load(cnt_ptr + q).to(ACC) * k1 - bx * k2)
+                        tl.store(ge_ptr + (n * 9 + q) * C + offs_c, ge, mask=mc)
+                        t1 -= b1
+                        tx -= bx
+                ge = a * (t1 - tl.load(cnt_ptr + 4).to(ACC) * k1 - tx * k2)
+                tl.store(ge_ptr + (n * 9 + 4) * C + offs_c, ge, mask=mc)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -663,6 +668,7 @@ def _acc_torch(t: torch.Tensor) -> torch.dtype:
 TILE, TILE_WARPS = 1024, 4
 RED_TILE, RED_WARPS, RED_LOOP = 4096, 4, 2
 FIN_ROWS, FIN_CHANNELS = 128, 16
+FIN_SAMPLE_PROGRAMS = 8  # the statistics finalize's programs a channel block (samples in parallel)
 BORDER_PIXELS = 32  # pixels of a border line a step (by the epilogue tiles' channels)
 CL_BLOCK_C = 32  # channels of a channels-last tile
 
@@ -695,9 +701,9 @@ def _check_numel(t: torch.Tensor) -> None:
 
 def _zconv_fwd(conv_out, e, cbias, gamma, beta, running_mean, running_var, batch_stats: bool, update: bool,
                factor: float, eps: float, pool: bool, out_channels_last: bool | None = None, running_out=None):
-    """-> (out, stat (4 + B, C): mean, invstd, scale, shift, X[n] (_zconv_finalize_kernel)). out is channels-last if out_channels_last (default:
-    as conv_out). With `update`, the new running statistics go to running_out = (mean, var) if given, else
-    into running_mean / running_var in place."""
+    """-> (out, stat (4 + B, C): mean, invstd, scale, shift, X[n] (_zconv_finalize_kernel)). out is
+    channels-last if out_channels_last (default: as conv_out). With `update`, the new running statistics go
+    to running_out = (mean, var) if given, else into running_mean / running_var in place."""
     b, c, hc, wc = conv_out.shape
     _check_numel(conv_out)
     cl = tu.is_channels_last(conv_out)
@@ -720,7 +726,8 @@ def _zconv_fwd(conv_out, e, cbias, gamma, beta, running_mean, running_var, batch
             c_sn=conv_out.stride(0), c_sc=conv_out.stride(1), c_sw=tu.pixel_stride(conv_out),
             e_sn=e_sn, e_sq=e_sq, e_sc=e_sc, CL=cl, HAS_E=e is not None, HAS_CB=cbias is not None, ACC=acc,
             LOOP=loop, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=RED_WARPS)
-    _zconv_finalize_kernel[(triton.cdiv(c, FIN_CHANNELS), b)](
+    # (at least one program a channel block: an empty batch still gets its statistics rows)
+    _zconv_finalize_kernel[(triton.cdiv(c, FIN_CHANNELS), max(1, min(b, FIN_SAMPLE_PROGRAMS)))](
         part_ptr=part if part is not None else stat, w_ptr=gamma if gamma is not None else stat,
         b_ptr=beta if beta is not None else stat,
         rm_ptr=running_mean if running_mean is not None else stat,
@@ -770,6 +777,7 @@ def _zconv_bwd(grad_out, conv_out, e, cbias, gamma, stat, batch_stats: bool, poo
     loop, rpp = _tile_groups(hc * wc, block_p)
     part = _empty(b, rpp, 2, c, device=conv_out.device, dtype=acc_t)
     bord = _empty(b, 2, 9, c, device=conv_out.device, dtype=acc_t) if has_e else part
+    _check_numel(bord)  # 18 B C: more than conv_out on maps of under 18 pixels
     _zconv_bwd_reduce_kernel[(rpp, n_cb, b)](part_ptr=part, bord_ptr=bord, rows_per_plane=rpp, BORDER=False,
                                             LOOP=loop, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=RED_WARPS,
                                             **common)
@@ -783,7 +791,7 @@ def _zconv_bwd(grad_out, conv_out, e, cbias, gamma, stat, batch_stats: bool, poo
     grad_e = _empty(b, 9, c, device=conv_out.device, dtype=acc_t) if has_e else None
     grad_cb, d_gamma, d_beta = (_empty(c, device=conv_out.device, dtype=acc_t) for _ in range(3))
     counts = _tables(hc, wc, conv_out.device, acc_t)[1] if has_e else stat
-    _zconv_bwd_finalize_kernel[(triton.cdiv(c, FIN_CHANNELS), b if has_e else 1)](
+    _zconv_bwd_finalize_kernel[(triton.cdiv(c, FIN_CHANNELS), max(b, 1) if has_e else 1)](
         part_ptr=part, bord_ptr=bord, stat_ptr=stat, w_ptr=gamma if gamma is not None else stat, cnt_ptr=counts,
         coef_ptr=coef, ge_ptr=grad_e if has_e else coef, gcb_ptr=grad_cb, gg_ptr=d_gamma, gb_ptr=d_beta,
         B=b, C=c, rows_per_plane=rpp, M=b * hc * wc, BATCH_STATS=batch_stats, HAS_E=has_e,

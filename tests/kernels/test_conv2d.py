@@ -285,10 +285,22 @@ def test_relayout_of_small_planes_takes_narrow_tiles(to_cl, monkeypatch, poisone
     """Planes of a few pixels (a 3x3 weight's 9) get tiles no wider than the plane along the pixels and
     wider along the channels: 8 pixels x 32 channels here, three channel tiles."""
     monkeypatch.setattr(kc, "RELAYOUT_BLOCK", 16)
+    launches = []
+    real = kc._relayout_kernel
+
+    class Spy:  # records each launch's grid and tile, then launches
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                launches.append((tuple(grid), kw["BLOCK_P"], kw["BLOCK_C"]))
+                return real[grid](*args, **kw)
+            return run
+
+    monkeypatch.setattr(kc, "_relayout_kernel", Spy())
     x = torch.randn(3, 70, 2, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(DEV)
     src = x if to_cl else x.contiguous(memory_format=torch.channels_last)
     out = kc.relayout(src, to_cl)
     assert tu.is_channels_last(out) == to_cl and torch.equal(out, x)
+    assert launches == [((1, 3, 3), 8, 32)]  # 6 pixels -> tiles 8 wide; 16 * 16 / 8 = 32 channels, 3 tiles
 
 
 @requires_triton_run()

@@ -179,10 +179,11 @@ def test_channels_last_input_keeps_its_format(mode, poisoned):
 def small_tiles(monkeypatch):
     """Tiles of 16 pixels (by 4 channels NCHW, by all of the test's channels-last), 3 of them a reduction
     program (the last group partly past the plane), finalize steps of 1 row x 2 channels: several partial
-    rows a plane, merged in several steps across several finalize programs; border lines 2 pixels a step
-    (a row's first and last class in different steps); 4 x 4 tiles for the layout copy."""
+    rows a plane, merged in several steps across several finalize programs, 2 of them a channel block for
+    the 3 samples' sums of x^; border lines 2 pixels a step (a row's first and last class in different
+    steps); 4 x 4 tiles for the layout copy."""
     for name, value in (("TILE", 16), ("RED_TILE", 16), ("RED_LOOP", 3), ("FIN_ROWS", 1), ("FIN_CHANNELS", 2),
-                        ("BORDER_PIXELS", 2)):
+                        ("FIN_SAMPLE_PROGRAMS", 2), ("BORDER_PIXELS", 2)):
         monkeypatch.setattr(zc, name, value)
     monkeypatch.setattr(importlib.import_module("ostnet_fast.kernels.conv2d"), "RELAYOUT_BLOCK", 4)
 
@@ -226,6 +227,14 @@ def test_running_stats_over_several_steps():
     _assert_close(norm.running_mean, norm2.running_mean, 1e-10, "running_mean")
     _assert_close(norm.running_var, norm2.running_var, 1e-10, "running_var")
     assert int(norm.num_batches_tracked) == 3
+
+
+@triton_run
+@pytest.mark.parametrize("mode", ["same", "down"])
+@pytest.mark.parametrize("with_zb", [True, False])
+def test_empty_batch_in_eval(mode, with_zb, poisoned):
+    """No samples: an empty output, and parameter grads of exactly 0 (the finalize launches still run)."""
+    _check_against_reference((0, 3, 4, 5, 6), mode, with_zb, training=False)
 
 
 @triton_run
