@@ -343,17 +343,21 @@ torch::Tensor pack(const torch::Tensor& input) {
   return packed;
 }
 
+// The forwards' arguments checked, and their output: (B, C, H, W) NCHW fp32 for a (B, H, W, 2) grid.
+torch::Tensor forward_output(const torch::Tensor& input, const torch::Tensor& grid, const char* op) {
+  check_image(input, op);
+  check_grid(grid, input, input.size(0), op);
+  return torch::empty({input.size(0), input.size(1), grid.size(1), grid.size(2)}, input.options());
+}
+
 // input (B, C, H_in, W_in) NCHW, grid (B, H, W, 2) -> (B, C, H, W) NCHW fp32, gathering from the NCHW planes:
 // for calls that need no backward (a pack would cost a pass over the image, and with smooth warps the
 // planes' gathers coalesce anyway).
 torch::Tensor forward(const torch::Tensor& input, const torch::Tensor& grid) {
-  const char* op = "grid_sample_forward";
-  check_image(input, op);
-  check_grid(grid, input, input.size(0), op);
+  auto out = forward_output(input, grid, "grid_sample_forward");
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   const int64_t HWo = grid.size(1) * grid.size(2), total = B * HWo;
-  auto out = torch::empty({B, C, grid.size(1), grid.size(2)}, input.options());
   if (total == 0) return out;
   forward_kernel<<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       input.data_ptr<float>(), reinterpret_cast<const float2*>(grid.data_ptr<float>()), out.data_ptr<float>(),
@@ -465,12 +469,10 @@ void allow_shared(Kernel kernel, int64_t bytes, int64_t limit, const char* op) {
 
 torch::Tensor shared_forward(const torch::Tensor& input, const torch::Tensor& grid) {
   const char* op = "grid_sample_shared_forward";
-  check_image(input, op);
-  check_grid(grid, input, input.size(0), op);
+  auto out = forward_output(input, grid, op);
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   const int64_t HWo = grid.size(1) * grid.size(2);
-  auto out = torch::empty({B, C, grid.size(1), grid.size(2)}, input.options());
   if (B * HWo == 0) return out;
   const int64_t bytes = shared_bytes(input, 1);
   allow_shared(shared_forward_kernel, bytes, shared_limit(input.get_device()), op);

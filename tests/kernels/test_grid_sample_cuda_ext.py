@@ -88,29 +88,25 @@ def _fake_module(calls, shared=None):
     def unpacked(packed, channels):
         return packed[..., :channels].permute(0, 3, 1, 2)
 
-    def packed_forward(packed, grid, channels):
-        calls.append("packed_forward")
-        return gs.grid_sample_reference(unpacked(packed, channels).double(), grid.double()).float()
+    def forward_of(name, image=lambda x, *_: x):  # a forward called `name`, reading the image as image(...)
+        def forward(x, grid, *channels):
+            calls.append(name)
+            return gs.grid_sample_reference(image(x, *channels).double(), grid.double()).float()
+        return forward
 
-    def forward(input, grid):
-        calls.append("forward")
-        return gs.grid_sample_reference(input.double(), grid.double()).float()
+    def backward_of(name, image):
+        def backward(grad_out, x, grid, need_input, need_grid):
+            calls.append((name, need_input, need_grid))
+            assert grad_out.is_contiguous() and grad_out.dtype == torch.float32
+            _, gx, gg = _reference(image(x, grad_out.shape[1]), grid, grad_out)
+            return (gx.float() if need_input else x.new_empty(0)), (gg.float() if need_grid else grid.new_empty(0))
+        return backward
 
-    def backward(grad_out, packed, grid, need_input, need_grid):
-        calls.append(("backward", need_input, need_grid))
-        assert grad_out.is_contiguous() and grad_out.dtype == torch.float32
-        _, gx, gg = _reference(unpacked(packed, grad_out.shape[1]), grid, grad_out)
-        return (gx.float() if need_input else packed.new_empty(0)), (gg.float() if need_grid else grid.new_empty(0))
-
-    def shared_forward(input, grid):
-        calls.append("shared_forward")
-        return gs.grid_sample_reference(input.double(), grid.double()).float()
-
-    def shared_backward(grad_out, input, grid, need_input, need_grid):
-        calls.append(("shared_backward", need_input, need_grid))
-        assert grad_out.is_contiguous() and grad_out.dtype == torch.float32
-        _, gx, gg = _reference(input, grid, grad_out)
-        return (gx.float() if need_input else input.new_empty(0)), (gg.float() if need_grid else grid.new_empty(0))
+    forward = forward_of("forward")
+    packed_forward = forward_of("packed_forward", unpacked)
+    backward = backward_of("backward", unpacked)
+    shared_forward = forward_of("shared_forward")
+    shared_backward = backward_of("shared_backward", lambda x, *_: x)
 
     ext = types.SimpleNamespace(grid_sample_forward=forward, grid_sample_pack=pack,
                                 grid_sample_packed_forward=packed_forward, grid_sample_packed_backward=backward)
