@@ -60,6 +60,10 @@ def turned_off():
 _runs_on: dict[int, bool] = {}
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _probe(index: int) -> None:
     module().grid_sample_pack(torch.zeros(1, 1, 1, 1, device=torch.device("cuda", index)))
 
@@ -67,7 +71,7 @@ def _probe(index: int) -> None:
 def runs_on(device: torch.device) -> bool:
     """The extension has code for this GPU: one tiny launch, once per device. A build for other GPUs (e.g.
     sm_90a only, on an RTX 3090) fails to launch; then say so once, and the Triton kernels run there."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _index(device)
     if index not in _runs_on:
         try:
             _probe(index)
@@ -108,8 +112,7 @@ def grid_sample_shared(input: torch.Tensor) -> bool:
     if SHARED_MIN_SAMPLES is not None:
         wanted = SHARED_MIN_SAMPLES
     else:
-        index = input.device.index if input.device.index is not None else torch.cuda.current_device()
-        wanted = max(1, _sm_count(index) // 2)
+        wanted = max(1, _sm_count(_index(input.device)) // 2)
     return input.shape[0] >= wanted and ext.grid_sample_shared_fits(input)
 
 
@@ -120,8 +123,12 @@ def grid_sample_shared_forward(input: torch.Tensor, grid: torch.Tensor) -> torch
 def grid_sample_shared_backward(grad_out: torch.Tensor, input: torch.Tensor, grid: torch.Tensor, need_input: bool,
                                 need_grid: bool):
     """-> (grad_input (B, C, H_in, W_in) NCHW fp32 or None, grad_grid or None)."""
-    gin, ggrid = module().grid_sample_shared_backward(grad_out.contiguous().float(), input, grid, need_input,
-                                                       need_grid)
+    return _grads(module().grid_sample_shared_backward, grad_out, input, grid, need_input, need_grid)
+
+
+def _grads(backward, grad_out, saved, grid, need_input: bool, need_grid: bool):
+    """Call one of the module's backwards (it returns empty tensors for the grads not needed) -> grads or None."""
+    gin, ggrid = backward(grad_out.contiguous().float(), saved, grid, need_input, need_grid)
     return (gin if need_input else None), (ggrid if need_grid else None)
 
 
@@ -142,6 +149,4 @@ def grid_sample_packed_forward(packed: torch.Tensor, grid: torch.Tensor, channel
 def grid_sample_backward(grad_out: torch.Tensor, packed: torch.Tensor, grid: torch.Tensor, need_input: bool,
                          need_grid: bool):
     """-> (grad_input (B, C, H_in, W_in) NCHW fp32 or None, grad_grid or None); C is grad_out's."""
-    gin, ggrid = module().grid_sample_packed_backward(grad_out.contiguous().float(), packed, grid, need_input,
-                                                       need_grid)
-    return (gin if need_input else None), (ggrid if need_grid else None)
+    return _grads(module().grid_sample_packed_backward, grad_out, packed, grid, need_input, need_grid)

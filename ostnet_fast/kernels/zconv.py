@@ -151,6 +151,12 @@ def border_bias(zb: torch.Tensor, weight: torch.Tensor, hc: int, wc: int, dtype)
 if HAS_TRITON:
 
     @triton.jit
+    def _line_class(i, n):
+        """Border class of position i along a line of n conv-output pixels: 0 the first (also when n == 1), 2
+        the last, 1 those between (_line_taps)."""
+        return tl.where(i == 0, 0, tl.where(i == n - 1, 2, 1))
+
+    @triton.jit
     def _zconv_y(c_base,  # conv output of this sample
                  e_base,  # (9, C) E of this sample
                  cb, e_mid,  # (BLOCK_C,) conv bias, E of the interior class
@@ -162,9 +168,7 @@ if HAS_TRITON:
         border pixels gather E (interior lanes take e_mid from registers, their loads are masked off)."""
         y = tl.load(c_base + c_off, mask=mask2, other=0.0).to(ACC) + (cb + e_mid)[None, :]
         if HAS_E:
-            r = tl.where(cy == 0, 0, tl.where(cy == Hc - 1, 2, 1))
-            s = tl.where(cx == 0, 0, tl.where(cx == Wc - 1, 2, 1))
-            q = 3 * r + s
+            q = 3 * _line_class(cy, Hc) + _line_class(cx, Wc)
             border = q != 4
             if tl.max(border.to(tl.int32), axis=0) > 0:  # only tiles that touch the border gather E
                 eb = tl.load(e_base + q[:, None] * e_sq + offs_c[None, :] * e_sc, mask=mask2 & border[:, None],
@@ -506,7 +510,7 @@ if HAS_TRITON:
                 y, gp, xh = _zconv_grad_tile(c_base, e_base, go_base, cb, e_mid, mean, invstd, scale, shift,
                                              cy, cx, c_off, cy * go_sh + cx * go_sw, offs_c, mask2, Hc, Wc, Ho,
                                              Wo, e_sq, e_sc, go_sc, go_sh, go_sw, HAS_E, POOL, ACC)
-                k = tl.where(is_row, tl.where(cx == 0, 0, tl.where(cx == Wc - 1, 2, 1)), 0)[:, None]
+                k = tl.where(is_row, _line_class(cx, Wc), 0)[:, None]
                 g0 += tl.where(k == 0, gp, 0.0)
                 g1 += tl.where(k == 1, gp, 0.0)
                 g2 += tl.where(k == 2, gp, 0.0)

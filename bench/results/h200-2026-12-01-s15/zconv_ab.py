@@ -10,37 +10,22 @@ commit made for the run (not in the repository), its custom-op names renamed so 
 It shares conv2d.py with the committed code.
 """
 import importlib
+import importlib.util
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 from bench.common import env_info, time_graph_ms
 
-DEV = "cuda"
-BLOCKS = (("down", 64, 128, 256), ("down", 128, 256, 128), ("down", 256, 512, 64), ("up", 512, 256, 32),
-          ("up", 128, 64, 128))
-
-
-def cases(dtype):
-    for mode, cin, cout, hw in BLOCKS:
-        torch.manual_seed(0)
-        conv = torch.nn.Conv2d(cin, cout, 3, padding=1).to(DEV)
-        norm = torch.nn.BatchNorm2d(cout).to(DEV)
-        x = (torch.rand(8, cin, hw, hw, device=DEV) * 2 - 1).to(dtype).requires_grad_(True)
-        zb = (torch.rand(8, cin, device=DEV) * 2 - 1).to(dtype).requires_grad_(True)
-        for training in (False, True):
-            def run(fn, conv=conv, norm=norm, x=x, zb=zb, mode=mode, training=training):
-                norm.train(training)
-                with torch.autocast("cuda", dtype=torch.float16, enabled=dtype == torch.float16):
-                    if not training:
-                        with torch.no_grad():
-                            return fn(x, zb, conv, norm, mode)
-                    out = fn(x, zb, conv, norm, mode)
-                out.backward(torch.ones_like(out))
-            label = f"{mode} {cin}->{cout} @{hw} {str(dtype)[6:]} {'train fwd+bwd' if training else 'eval fwd'}"
-            yield label, run, [x, zb, conv.weight, conv.bias, norm.weight, norm.bias]
+# The blocks and their run functions are session 14's sweep's (its folder's name is no module name).
+_spec = importlib.util.spec_from_file_location(
+    "zconv_sweep", Path(__file__).resolve().parents[1] / "h200-2026-12-01-s14" / "zconv_sweep.py")
+_sweep = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_sweep)
+cases = _sweep.cases
 
 
 def main():
