@@ -6,7 +6,8 @@
 // sector. Here the image is first packed channels-last, padded to 4 channels (one 16-byte vector a pixel):
 // the forward and the grid grad gather one float4 per tap, and the input grad is scattered with one float4
 // atomic per tap (sm_90's vector atomicAdd; scalar atomics on older GPUs) into a packed fp32 scratch that
-// one last pass writes back as NCHW. The packed copy is made once and kept for the backward (grid_sample.py).
+// one last pass writes back as NCHW. The packed copy is made once and kept for the backward (grid_sample.py),
+// and the forward also zeroes that scratch, so the backward needs no fill of its own.
 // A thread owns one output pixel: its grid grad is reduced in registers, no atomics for it.
 //
 // Small images (the backward's image and grad sums fit in one block's shared memory: 64x64 with 3 channels
@@ -19,6 +20,7 @@
 #include <torch/extension.h>
 
 #include <array>
+#include <optional>
 
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -113,10 +115,15 @@ __global__ void forward_kernel(const float* __restrict__ in, const float2* __res
   }
 }
 
-// The same from the packed image: one float4 gather per tap.
+// The same from the packed image: one float4 gather per tap. It also zeroes the backward's grad scratch
+// (zero_n float4s, none if 0): this kernel waits on L2 gathers with DRAM bandwidth to spare, so the zeros
+// cost less here than in a fill of their own before the backward.
 __global__ void packed_forward_kernel(const float4* __restrict__ packed, const float2* __restrict__ grid,
-                                      float* __restrict__ out, int C, int H, int W, int64_t HWo, int64_t total) {
+                                      float* __restrict__ out, int C, int H, int W, int64_t HWo, int64_t total,
+                                      float4* __restrict__ zero, int64_t zero_n) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  for (int64_t j = i; j < zero_n; j += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    zero[j] = make_float4(0.f, 0.f, 0.f, 0.f);
   if (i >= total) return;
   const int64_t b = i / HWo, p = i - b * HWo;
   const Taps t = bilinear_taps(grid[i], H, W);
@@ -366,30 +373,50 @@ torch::Tensor forward(const torch::Tensor& input, const torch::Tensor& grid) {
   return out;
 }
 
-// packed (B, H_in, W_in, 4), grid (B, H, W, 2) -> (B, channels, H, W) NCHW fp32.
-torch::Tensor packed_forward(const torch::Tensor& packed, const torch::Tensor& grid, int64_t channels) {
+// A grad scratch for the packed backward: packed's shape, dtype and device, contiguous and float4-aligned.
+void check_scratch(const torch::Tensor& scratch, const torch::Tensor& packed, const char* op) {
+  TORCH_CHECK(scratch.is_cuda() && scratch.device() == packed.device() && scratch.sizes() == packed.sizes() &&
+                  scratch.scalar_type() == torch::kFloat32 && scratch.is_contiguous() &&
+                  reinterpret_cast<uintptr_t>(scratch.data_ptr()) % alignof(float4) == 0,
+              op, ": grad_scratch must be a contiguous fp32 CUDA tensor of packed's shape");
+}
+
+// packed (B, H_in, W_in, 4), grid (B, H, W, 2) -> (B, channels, H, W) NCHW fp32; zeroes grad_scratch if given
+// (for the backward, which then needs no fill of its own).
+torch::Tensor packed_forward(const torch::Tensor& packed, const torch::Tensor& grid, int64_t channels,
+                             const std::optional<torch::Tensor>& grad_scratch) {
   const char* op = "grid_sample_packed_forward";
   check_packed(packed, op);
   check_grid(grid, packed, packed.size(0), op);
   TORCH_CHECK(channels >= 1 && channels <= kMaxChannels, op, ": 1 to 4 channels expected");
+  if (grad_scratch) check_scratch(*grad_scratch, packed, op);
   const c10::cuda::CUDAGuard guard(packed.device());
   const int64_t B = packed.size(0), H = packed.size(1), W = packed.size(2);
   const int64_t HWo = grid.size(1) * grid.size(2), total = B * HWo;
   auto out = torch::empty({B, channels, grid.size(1), grid.size(2)}, packed.options());
-  if (total == 0) return out;
+  const int64_t zero_n = grad_scratch ? B * H * W : 0;
+  if (total == 0) {  // no kernel to zero it; a memset, like the kernel's stores, leaves autograd's version alone
+    if (zero_n)
+      C10_CUDA_CHECK(cudaMemsetAsync(grad_scratch->data_ptr(), 0, grad_scratch->nbytes(),
+                                     c10::cuda::getCurrentCUDAStream()));
+    return out;
+  }
   packed_forward_kernel<<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const float4*>(packed.data_ptr<float>()), reinterpret_cast<const float2*>(grid.data_ptr<float>()),
-      out.data_ptr<float>(), static_cast<int>(channels), static_cast<int>(H), static_cast<int>(W), HWo, total);
+      out.data_ptr<float>(), static_cast<int>(channels), static_cast<int>(H), static_cast<int>(W), HWo, total,
+      zero_n ? reinterpret_cast<float4*>(grad_scratch->data_ptr<float>()) : nullptr, zero_n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
 // -> (grad_input NCHW fp32 or an empty tensor, grad_grid or an empty tensor); the channel count is grad_out's.
+// grad_scratch: a zeroed scratch from packed_forward, summed into (and spent) here; else one is zero-filled.
 std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::Tensor& packed, const torch::Tensor& grid,
-                                    bool need_input, bool need_grid) {
+                                    bool need_input, bool need_grid, const std::optional<torch::Tensor>& grad_scratch) {
   const char* op = "grid_sample_packed_backward";
   check_packed(packed, op);
   check_grid(grid, packed, packed.size(0), op);
+  if (grad_scratch) check_scratch(*grad_scratch, packed, op);
   const int64_t B = packed.size(0), H = packed.size(1), W = packed.size(2);
   TORCH_CHECK(grad_out.is_cuda() && grad_out.device() == packed.device() && grad_out.dim() == 4 &&
                   grad_out.is_contiguous() && grad_out.scalar_type() == torch::kFloat32 && grad_out.size(0) == B &&
@@ -410,7 +437,7 @@ std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::
     return {grad_input, grad_grid};
   }
   if (!(need_input || need_grid)) return {grad_input, grad_grid};
-  torch::Tensor grad_packed = need_input ? torch::zeros_like(packed) : torch::Tensor();
+  torch::Tensor grad_packed = !need_input ? torch::Tensor() : grad_scratch ? *grad_scratch : torch::zeros_like(packed);
   auto* grad_packed_ptr = need_input ? reinterpret_cast<float4*>(grad_packed.data_ptr<float>()) : nullptr;
   auto* grad_grid_ptr = need_grid ? reinterpret_cast<float2*>(grad_grid.data_ptr<float>()) : nullptr;
   const auto launch = [&](auto kernel) {
@@ -530,11 +557,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grid_sample_forward", &forward, "bilinear grid_sample, NCHW fp32 with 1-4 channels -> NCHW",
         py::arg("input"), py::arg("grid"));
   m.def("grid_sample_pack", &pack, "NCHW fp32 (B, C<=4, H, W) -> (B, H, W, 4) fp32, zero-padded", py::arg("input"));
-  m.def("grid_sample_packed_forward", &packed_forward, "grid_sample of a packed image -> (B, channels, H, W)",
-        py::arg("packed"), py::arg("grid"), py::arg("channels"));
+  m.def("grid_sample_packed_forward", &packed_forward,
+        "grid_sample of a packed image -> (B, channels, H, W); zeroes grad_scratch (packed's shape) if given",
+        py::arg("packed"), py::arg("grid"), py::arg("channels"), py::arg("grad_scratch") = py::none());
   m.def("grid_sample_packed_backward", &backward,
-        "its backward: (grad_input NCHW, grad_grid), each an empty tensor where not needed", py::arg("grad_out"),
-        py::arg("packed"), py::arg("grid"), py::arg("need_input"), py::arg("need_grid"));
+        "its backward: (grad_input NCHW, grad_grid), each an empty tensor where not needed; sums into "
+        "grad_scratch (zeroed by the forward) if given",
+        py::arg("grad_out"), py::arg("packed"), py::arg("grid"), py::arg("need_input"), py::arg("need_grid"),
+        py::arg("grad_scratch") = py::none());
   m.def("grid_sample_shared_fits", &shared_fits,
         "the image (B, C, H, W) and its grad's sums fit in one block's shared memory on its GPU", py::arg("input"));
   m.def("grid_sample_shared_forward", &shared_forward, "grid_sample from the image staged in shared memory -> NCHW",

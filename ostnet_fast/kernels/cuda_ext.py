@@ -142,11 +142,16 @@ def grid_sample_forward(input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor
     return module().grid_sample_forward(input, grid)
 
 
-def grid_sample_packed_forward(packed: torch.Tensor, grid: torch.Tensor, channels: int) -> torch.Tensor:
-    return module().grid_sample_packed_forward(packed, grid, channels)
+def grid_sample_packed_forward(packed: torch.Tensor, grid: torch.Tensor, channels: int,
+                               grad_scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """grad_scratch (packed's shape, e.g. torch.empty_like(packed)), if given, comes back zeroed: the
+    backward's scratch, filled in the same kernel (it saves the backward a fill and a launch)."""
+    return module().grid_sample_packed_forward(packed, grid, channels, grad_scratch)
 
 
 def grid_sample_backward(grad_out: torch.Tensor, packed: torch.Tensor, grid: torch.Tensor, need_input: bool,
-                         need_grid: bool):
-    """-> (grad_input (B, C, H_in, W_in) NCHW fp32 or None, grad_grid or None); C is grad_out's."""
-    return _grads(module().grid_sample_packed_backward, grad_out, packed, grid, need_input, need_grid)
+                         need_grid: bool, grad_scratch: torch.Tensor | None = None):
+    """-> (grad_input (B, C, H_in, W_in) NCHW fp32 or None, grad_grid or None); C is grad_out's.
+    grad_scratch: one the forward zeroed, used once (the input grad's sums go into it); None: a fresh one."""
+    return _grads(functools.partial(module().grid_sample_packed_backward, grad_scratch=grad_scratch), grad_out,
+                  packed, grid, need_input, need_grid)

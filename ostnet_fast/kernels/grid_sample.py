@@ -34,8 +34,9 @@ Triton path (what is fused, and the design limits):
 - NCHW fp32 images of 1-4 channels take the optional CUDA C++ extension where it is built (cuda_ext.py,
   csrc/ext/grid_sample_small_c.cu): a channels-last copy padded to 4 channels, one float4 gather and one
   float4 atomic per tap. Eagerly, when a backward is to come, the copy is made once in the forward and
-  saved for the backward (4/C times the input's size, 4/3 for images, held until the backward); the custom
-  ops (torch.compile) make it in the backward. A forward with no backward to come gathers from the NCHW
+  saved for the backward (4/C times the input's size, 4/3 for images, held until the backward), and when
+  the input grad is wanted the forward kernel also zeroes its packed scratch (as large again), which
+  saves the backward a fill and a launch; the custom ops (torch.compile) make both in the backward. A forward with no backward to come gathers from the NCHW
   planes. Images whose backward fits in one block's shared memory (the image and its grad's sums: 64x64
   with 3 channels is 96 KB), in batches of at least cuda_ext.SHARED_MIN_SAMPLES, take its shared-memory
   kernels instead: one block per sample, no copy, the input grad summed with shared-memory atomics.
@@ -237,20 +238,26 @@ class GridSampleFn(torch.autograd.Function):
         ctx.packed = ext and not cuda_ext.grid_sample_shared(input)
         if ctx.packed:  # the extension's packed copy serves the forward and is kept for the backward
             packed = cuda_ext.grid_sample_pack(input)
-            ctx.save_for_backward(packed, grid)
-            return cuda_ext.grid_sample_packed_forward(packed, grid, input.shape[1])
+            # the input grad's scratch, zeroed by the forward kernel; spent by the first backward
+            scratch = torch.empty_like(packed) if ctx.needs_input_grad[0] else None
+            ctx.scratch_fresh = scratch is not None
+            ctx.save_for_backward(packed, grid, scratch)
+            return cuda_ext.grid_sample_packed_forward(packed, grid, input.shape[1], scratch)
         ctx.save_for_backward(input, grid)  # (the shared-memory kernels take the input itself)
         return _grid_sample_fwd(input, grid)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        saved, grid = ctx.saved_tensors
+        saved, grid, *scratch = ctx.saved_tensors
         need_input, need_grid = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_input or need_grid):
             return None, None
         if ctx.packed:
-            return cuda_ext.grid_sample_backward(grad_out, saved, grid, need_input, need_grid)
+            # a second backward (retain_graph=True) finds the scratch holding the first one's sums: a fresh one
+            fresh, ctx.scratch_fresh = ctx.scratch_fresh, False
+            return cuda_ext.grid_sample_backward(grad_out, saved, grid, need_input, need_grid,
+                                                 scratch[0] if fresh else None)
         return _grid_sample_bwd(grad_out, saved, grid, need_input, need_grid)
 
 

@@ -102,9 +102,21 @@ def _fake_module(calls, shared=None):
             return (gx.float() if need_input else x.new_empty(0)), (gg.float() if need_grid else grid.new_empty(0))
         return backward
 
+    def packed_forward(packed, grid, channels, grad_scratch=None):
+        if grad_scratch is not None:  # the kernel zeroes the backward's scratch (.data: as a kernel writes,
+            assert grad_scratch.shape == packed.shape  # without autograd's version counter)
+            grad_scratch.data.zero_()
+        return forward_of("packed_forward", unpacked)(packed, grid, channels)
+
+    def backward(grad_out, packed, grid, need_input, need_grid, grad_scratch=None):
+        result = backward_of("backward", unpacked)(grad_out, packed, grid, need_input, need_grid)
+        calls[-1] += (grad_scratch is not None,)
+        if grad_scratch is not None:  # a zeroed scratch, which the kernel's sums then spend
+            assert need_input and not grad_scratch.any()
+            grad_scratch.data.fill_(float("nan"))
+        return result
+
     forward = forward_of("forward")
-    packed_forward = forward_of("packed_forward", unpacked)
-    backward = backward_of("backward", unpacked)
     shared_forward = forward_of("shared_forward")
     shared_backward = backward_of("shared_backward", lambda x, *_: x)
 
@@ -133,10 +145,28 @@ def test_grid_sample_routes_through_the_extension(monkeypatch, need):
     leaves = [t for t in (x, grid) if t.requires_grad]
     grads = torch.autograd.grad(out, leaves, upstream)
     ref_out, ref_gx, ref_gg = _reference(x, grid, upstream)
-    assert calls == ["pack", "packed_forward", ("backward", x.requires_grad, grid.requires_grad)]  # one pack
+    # one pack; the forward zeroes a scratch for the input grad, when there is one to come
+    assert calls == ["pack", "packed_forward", ("backward", x.requires_grad, grid.requires_grad, x.requires_grad)]
     torch.testing.assert_close(out, ref_out.float())
     for leaf, g in zip(leaves, grads):
         torch.testing.assert_close(g, (ref_gx if leaf is x else ref_gg).float())
+
+
+@triton_run
+def test_a_second_backward_takes_a_fresh_scratch(monkeypatch):
+    """retain_graph: the forward's zeroed scratch holds the first backward's sums, so the second must not
+    sum into it again (the stand-in fills a spent scratch with NaN)."""
+    calls = []
+    monkeypatch.setattr(cuda_ext, "module", lambda: _fake_module(calls))
+    monkeypatch.setattr(cuda_ext, "grid_sample_applies", lambda input, grid: True)
+    x, grid = _inputs((2, 3, 7, 9), (5, 6), "cpu")
+    x.requires_grad_(True)
+    out = gs.grid_sample(x, grid, impl="triton")
+    upstream = torch.randn(out.shape)
+    (first,) = torch.autograd.grad(out, x, upstream, retain_graph=True)
+    (second,) = torch.autograd.grad(out, x, upstream)
+    assert calls[2:] == [("backward", True, False, True), ("backward", True, False, False)]
+    torch.testing.assert_close(second, first)
 
 
 @triton_run
@@ -162,7 +192,7 @@ def test_custom_op_backward_routes_through_the_extension(monkeypatch):
     out = gs._grid_sample_fwd(x, grid)
     gx, gg = gs._grid_sample_bwd(upstream, x, grid, True, True)
     ref_out, ref_gx, ref_gg = _reference(x, grid, upstream)
-    assert calls == ["forward", "pack", ("backward", True, True)]
+    assert calls == ["forward", "pack", ("backward", True, True, False)]
     torch.testing.assert_close(out, ref_out.float())
     torch.testing.assert_close(gx, ref_gx.float())
     torch.testing.assert_close(gg, ref_gg.float())
@@ -207,7 +237,7 @@ def test_shared_kernels_need_a_fit_and_enough_samples(monkeypatch, fits, min_sam
     x.requires_grad_(True)
     out = gs.grid_sample(x, grid, impl="triton")
     torch.autograd.grad(out, x, torch.ones_like(out))
-    assert calls == ["pack", "packed_forward", ("backward", True, False)]
+    assert calls == ["pack", "packed_forward", ("backward", True, False, True)]
 
 
 def test_a_build_without_the_shared_kernels_takes_the_packed_ones(monkeypatch):
@@ -325,6 +355,26 @@ def test_gpu_only_the_needed_grads(need_input, need_grid, shared):
 
 @pytest.mark.gpu
 @needs_ext
+@pytest.mark.parametrize("out_hw", [(3, 4), (40, 50)])
+def test_gpu_backward_twice(out_hw, monkeypatch):
+    """retain_graph on the packed path: the forward zeroed the input grad's scratch (over every input pixel,
+    also when the output has fewer pixels), the first backward spends it, the second takes a fresh one."""
+    x, grid = _inputs((3, 3, 33, 47), out_hw, "cuda", seed=11)
+    _take(False, x, monkeypatch)
+    x.requires_grad_(True)
+    grid.requires_grad_(True)
+    _poison_allocator()
+    out = gs.grid_sample(x, grid, impl="triton")
+    upstream = torch.randn_like(out)
+    first = torch.autograd.grad(out, (x, grid), upstream, retain_graph=True)
+    second = torch.autograd.grad(out, (x, grid), upstream)
+    _assert_matches(x, grid, upstream, out, *first, exact=True)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+@needs_ext
 def test_gpu_grid_far_outside_and_non_finite():
     x, grid = _inputs((2, 3, 8, 8), (4, 4), "cuda")
     grid[0, 0, 0] = torch.tensor([1e30, -1e30])
@@ -397,6 +447,11 @@ def test_gpu_bad_arguments_raise():
         ext.grid_sample_packed_backward(torch.zeros(1, 3, 2, 2, device="cuda"), packed, grid, True, True)
     with pytest.raises(RuntimeError, match="aligned"):
         ext.grid_sample_packed_forward(packed, torch.zeros(19, device="cuda")[1:].view(1, 3, 3, 2), 3)
+    for scratch in (packed[:, :3].contiguous(), packed.double(), packed.transpose(1, 2)):
+        with pytest.raises(RuntimeError, match="grad_scratch must be"):
+            ext.grid_sample_packed_forward(packed, grid, 3, scratch)
+        with pytest.raises(RuntimeError, match="grad_scratch must be"):
+            ext.grid_sample_packed_backward(torch.zeros(1, 3, 3, 3, device="cuda"), packed, grid, True, True, scratch)
 
 
 @pytest.mark.gpu
