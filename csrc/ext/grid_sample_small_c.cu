@@ -167,6 +167,22 @@ __global__ void unpack_kernel(const float4* __restrict__ packed, float* __restri
     if (c < C) d[c * plane] = lanes[c];
 }
 
+// The same, 4 pixels a thread (planes of a multiple of 4 pixels): 4 float4 loads, one float4 store per plane
+// (H200, 8x3x256x256: 4.1 us against 4.5).
+__global__ void unpack4_kernel(const float4* __restrict__ packed, float4* __restrict__ out, int C, int64_t plane4,
+                               int64_t total4) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= total4) return;
+  const int64_t b = i / plane4, p = i - b * plane4;
+  const float4* s = packed + 4 * i;
+  const float4 p0 = s[0], p1 = s[1], p2 = s[2], p3 = s[3];
+  float4* d = out + b * C * plane4 + p;
+  d[0] = make_float4(p0.x, p1.x, p2.x, p3.x);
+  if (C > 1) d[plane4] = make_float4(p0.y, p1.y, p2.y, p3.y);
+  if (C > 2) d[2 * plane4] = make_float4(p0.z, p1.z, p2.z, p3.z);
+  if (C > 3) d[3 * plane4] = make_float4(p0.w, p1.w, p2.w, p3.w);
+}
+
 // With g = dL/dout[p, c] and out = wy0 (wx0 v00 + wx1 v01) + wy1 (wx0 v10 + wx1 v11):
 //   dL/din[tap, c] += g * w_tap  (float4 atomics into the packed scratch)
 //   dL/dix = sum_c g (wy0 (v01 - v00) + wy1 (v11 - v10)),  dL/diy = sum_c g (wx0 (v10 - v00) + wx1 (v11 - v01))
@@ -343,6 +359,8 @@ torch::Tensor pack(const torch::Tensor& input) {
   const int64_t B = input.size(0), C = input.size(1), plane = input.size(2) * input.size(3);
   auto packed = torch::empty({B, input.size(2), input.size(3), kMaxChannels}, input.options());
   if (packed.numel() == 0) return packed;
+  // (one pixel a thread: a 4-pixel version, float4 loads from the planes, measured 7.5 us against 4.8 at
+  // 8x3x256x256 on an H200, its 4 strided float4 stores per thread spread over 64 bytes a lane)
   pack_kernel<<<blocks_for(B * plane), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       input.data_ptr<float>(), reinterpret_cast<float4*>(packed.data_ptr<float>()), static_cast<int>(C), plane,
       B * plane);
@@ -451,9 +469,13 @@ std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::
   else launch(backward_kernel<false, true>);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (need_input) {
-    unpack_kernel<<<blocks_for(pixels), kThreads, 0, stream>>>(
-        reinterpret_cast<const float4*>(grad_packed.data_ptr<float>()), grad_input.data_ptr<float>(),
-        static_cast<int>(C), plane, pixels);
+    const auto* sums = reinterpret_cast<const float4*>(grad_packed.data_ptr<float>());
+    if (plane % 4 == 0)  // grad_input is a fresh allocation: aligned
+      unpack4_kernel<<<blocks_for(pixels / 4), kThreads, 0, stream>>>(
+          sums, reinterpret_cast<float4*>(grad_input.data_ptr<float>()), static_cast<int>(C), plane / 4, pixels / 4);
+    else
+      unpack_kernel<<<blocks_for(pixels), kThreads, 0, stream>>>(sums, grad_input.data_ptr<float>(),
+                                                                  static_cast<int>(C), plane, pixels);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {grad_input, grad_grid};

@@ -3,7 +3,10 @@ fill before the backward (`fill`, as in session 15) or zeroed by the forward ker
 each against F.grid_sample forward + backward, CUDA-graph GPU time (bench.common.time_graph_ms), three
 interleaved rounds; then each variant's kernels (torch.profiler, mean us per call).
 
-    PYTHONPATH=$PWD python3 bench/results/h200-2026-12-01-s16/gs_scratch_ab.py [B C H W]
+    PYTHONPATH=$PWD python3 bench/results/h200-2026-12-01-s16/gs_scratch_ab.py [B C H W] [--prev OLD.cu]
+
+--prev: also an older grid_sample_small_c.cu (e.g. `git show REV:csrc/ext/grid_sample_small_c.cu`), built
+here as a module of its own, its `forward zeroes` path timed beside the current one (`prev`).
 """
 import json
 import os
@@ -18,7 +21,13 @@ from common import time_graph_ms  # noqa: E402
 
 from ostnet_fast.kernels import cuda_ext  # noqa: E402
 
-B, C, H, W = (int(v) for v in sys.argv[1:5]) if len(sys.argv) > 4 else (8, 3, 256, 256)
+args = sys.argv[1:]
+prev_source = None
+if "--prev" in args:
+    i = args.index("--prev")
+    prev_source = args[i + 1]
+    del args[i:i + 2]
+B, C, H, W = (int(v) for v in args[:4]) if len(args) > 3 else (8, 3, 256, 256)
 torch.manual_seed(0)
 x = torch.randn(B, C, H, W, device="cuda", requires_grad=True)
 grid = (1.1 * (2 * torch.rand(B, H, W, 2, device="cuda") - 1)).requires_grad_(True)  # as bench_kernels
@@ -32,7 +41,7 @@ def fill():
     ext.grid_sample_packed_backward(upstream, packed, grid.detach(), True, True)
 
 
-def forward_zeroes():
+def forward_zeroes(ext=ext):
     packed = ext.grid_sample_pack(x.detach())
     scratch = torch.empty_like(packed)
     ext.grid_sample_packed_forward(packed, grid.detach(), C, scratch)
@@ -45,6 +54,10 @@ def pytorch():
 
 
 variants = {"fill": fill, "forward zeroes": forward_zeroes, "F.grid_sample": pytorch}
+if prev_source:
+    from torch.utils.cpp_extension import load
+    prev = load("_C_prev", [prev_source], extra_cuda_cflags=["-O3", "-lineinfo"])
+    variants = {"prev": lambda: forward_zeroes(prev), **variants}
 results = defaultdict(list)
 for _ in range(3):
     for name, fn in variants.items():
@@ -56,7 +69,7 @@ for name, us in results.items():
           + "".join(f" {b / u:5.3f}x" for b, u in zip(base, us)))
 
 kernels = {}
-for name in ("fill", "forward zeroes"):
+for name in [n for n in variants if n != "F.grid_sample"]:
     for _ in range(3):
         variants[name]()
     torch.cuda.synchronize()
