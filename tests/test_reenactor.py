@@ -154,6 +154,19 @@ def test_fused_backend_on_cpu_equals_torch(source):
     torch.testing.assert_close(f(x), t(x), atol=1e-6, rtol=0)
 
 
+def test_fused_flag_names_the_backend():
+    """Reenactor(fused=True), like OSTNet(fused=True), is the fused backend; fused=False the torch one."""
+    model = tiny_model()
+    assert Reenactor(model=model, fused=True).backend_name == "fused"
+    assert Reenactor(model=model, fused=False).backend_name == "torch"
+    assert Reenactor(model=model, fused=True, backend="fused").backend_name == "fused"
+    assert Reenactor(model=model).backend_name == "torch"
+    with pytest.raises(ValueError, match="fused=True means backend='fused'"):
+        Reenactor(model=model, fused=True, backend="onnxruntime")
+    with pytest.raises(ValueError, match="fused=False means backend='torch'"):
+        Reenactor(model=model, fused=False, backend="fused")
+
+
 class FakeGraphedStep:
     """Stands in for runtime.cuda_graph.GraphedStep on CPU: static buffers, replay recomputes in place."""
 

@@ -1,6 +1,7 @@
 """`Reenactor`: one API over the inference backends.
 
     r = Reenactor(checkpoint="ostnet.safetensors", backend="fused", device="cuda", fp16=True)
+                                        # (fused=True is the same as backend="fused", fused=False as "torch")
     r.set_source(photo)                 # (H, W, 3) uint8 RGB, any size; processed once (encode_source)
     out = r(frame)                      # (H, W, 3) uint8 -> (S, S, 3) uint8; (N, H, W, 3) -> (N, S, S, 3)
     out = r(batch)                      # float tensors (N, 3, H, W) in [0, 1] -> (N, 3, S, S) float
@@ -336,14 +337,25 @@ RANDOM_WEIGHTS_WARNING = ("NO CHECKPOINT: the model has RANDOM weights, so the o
                           "Pass --checkpoint PATH (an ostnet-fast .safetensors or a FOMM vox-cpk.pth.tar).")
 
 
+def _backend_name(backend: str | None, fused: bool | None) -> str:
+    """backend= names one; fused=True / False is OSTNet's spelling of "fused" / "torch"; neither: "torch"."""
+    if fused is None:
+        return "torch" if backend is None else backend
+    implied = "fused" if fused else "torch"
+    if backend is not None and backend != implied:
+        raise ValueError(f"fused={fused} means backend={implied!r}, but backend={backend!r} was given")
+    return implied
+
+
 class Reenactor:
     """One API over the backends; see the module docstring."""
 
     def __init__(self, checkpoint: str | Path | None = None, config: str | Path | Config | None = None,
-                 backend: str = "torch", device: str | torch.device = "cpu", fp16: bool = False,
+                 backend: str | None = None, device: str | torch.device = "cpu", fp16: bool = False,
                  relative: bool = False, adapt_movement_scale: bool = True, size: int | None = None,
                  cuda_graphs: bool = True, model: OSTNet | None = None, engine: str | Path | None = None,
-                 seed: int = 0, **backend_kwargs):
+                 seed: int = 0, fused: bool | None = None, **backend_kwargs):
+        backend = _backend_name(backend, fused)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.device = resolve_device(device)
