@@ -7,7 +7,7 @@
 // the forward and the grid grad gather one float4 per tap, and the input grad is scattered with one float4
 // atomic per tap (sm_90's vector atomicAdd; scalar atomics on older GPUs) into a packed fp32 scratch that
 // one last pass writes back as NCHW. The packed copy is made once and kept for the backward (grid_sample.py),
-// and the forward also zeroes that scratch, so the backward needs no fill of its own.
+// and when the input grad is wanted the forward also zeroes that scratch: the backward needs no fill then.
 // A thread owns one output pixel: its grid grad is reduced in registers, no atomics for it.
 //
 // Small images (the backward's image and grad sums fit in one block's shared memory: 64x64 with 3 channels
@@ -19,6 +19,7 @@
 // rounding. Built by setup.py as ostnet_fast._C when OSTNET_BUILD_CUDA=1; optional (README).
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <array>
 #include <optional>
 
@@ -116,14 +117,13 @@ __global__ void forward_kernel(const float* __restrict__ in, const float2* __res
 }
 
 // The same from the packed image: one float4 gather per tap. It also zeroes the backward's grad scratch
-// (zero_n float4s, none if 0): this kernel waits on L2 gathers with DRAM bandwidth to spare, so the zeros
-// cost less here than in a fill of their own before the backward.
+// (zero_n float4s, none if 0; the launch covers max(total, zero_n) threads): this kernel waits on L2
+// gathers with DRAM bandwidth to spare, so the zeros cost less here than in a fill of their own.
 __global__ void packed_forward_kernel(const float4* __restrict__ packed, const float2* __restrict__ grid,
                                       float* __restrict__ out, int C, int H, int W, int64_t HWo, int64_t total,
                                       float4* __restrict__ zero, int64_t zero_n) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  for (int64_t j = i; j < zero_n; j += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    zero[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (i < zero_n) zero[i] = make_float4(0.f, 0.f, 0.f, 0.f);
   if (i >= total) return;
   const int64_t b = i / HWo, p = i - b * HWo;
   const Taps t = bilinear_taps(grid[i], H, W);
@@ -391,12 +391,15 @@ torch::Tensor forward(const torch::Tensor& input, const torch::Tensor& grid) {
   return out;
 }
 
-// A grad scratch for the packed backward: packed's shape, dtype and device, contiguous and float4-aligned.
+// A grad scratch for the packed backward: packed's shape, dtype and device, contiguous and float4-aligned,
+// and not packed's memory (the kernels read the image while they write the scratch).
 void check_scratch(const torch::Tensor& scratch, const torch::Tensor& packed, const char* op) {
   TORCH_CHECK(scratch.is_cuda() && scratch.device() == packed.device() && scratch.sizes() == packed.sizes() &&
                   scratch.scalar_type() == torch::kFloat32 && scratch.is_contiguous() &&
-                  reinterpret_cast<uintptr_t>(scratch.data_ptr()) % alignof(float4) == 0,
-              op, ": grad_scratch must be a contiguous fp32 CUDA tensor of packed's shape");
+                  reinterpret_cast<uintptr_t>(scratch.data_ptr()) % alignof(float4) == 0 &&
+                  !scratch.is_alias_of(packed),
+              op, ": grad_scratch must be a contiguous, 16-byte aligned fp32 CUDA tensor of packed's shape, "
+              "apart from packed");
 }
 
 // packed (B, H_in, W_in, 4), grid (B, H, W, 2) -> (B, channels, H, W) NCHW fp32; zeroes grad_scratch if given
@@ -413,13 +416,10 @@ torch::Tensor packed_forward(const torch::Tensor& packed, const torch::Tensor& g
   const int64_t HWo = grid.size(1) * grid.size(2), total = B * HWo;
   auto out = torch::empty({B, channels, grid.size(1), grid.size(2)}, packed.options());
   const int64_t zero_n = grad_scratch ? B * H * W : 0;
-  if (total == 0) {  // no kernel to zero it; a memset, like the kernel's stores, leaves autograd's version alone
-    if (zero_n)
-      C10_CUDA_CHECK(cudaMemsetAsync(grad_scratch->data_ptr(), 0, grad_scratch->nbytes(),
-                                     c10::cuda::getCurrentCUDAStream()));
-    return out;
-  }
-  packed_forward_kernel<<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  if (total == 0 && zero_n == 0) return out;
+  // enough threads for both jobs: an output much smaller than the image must not leave a few to zero it all
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  packed_forward_kernel<<<blocks_for(std::max(total, zero_n)), kThreads, 0, stream>>>(
       reinterpret_cast<const float4*>(packed.data_ptr<float>()), reinterpret_cast<const float2*>(grid.data_ptr<float>()),
       out.data_ptr<float>(), static_cast<int>(channels), static_cast<int>(H), static_cast<int>(W), HWo, total,
       zero_n ? reinterpret_cast<float4*>(grad_scratch->data_ptr<float>()) : nullptr, zero_n);

@@ -34,12 +34,13 @@ Triton path (what is fused, and the design limits):
 - NCHW fp32 images of 1-4 channels take the optional CUDA C++ extension where it is built (cuda_ext.py,
   csrc/ext/grid_sample_small_c.cu): a channels-last copy padded to 4 channels, one float4 gather and one
   float4 atomic per tap. Eagerly, when a backward is to come, the copy is made once in the forward and
-  saved for the backward (4/C times the input's size, 4/3 for images, held until the backward), and when
-  the input grad is wanted the forward kernel also zeroes its packed scratch (as large again), which
-  saves the backward a fill and a launch; the custom ops (torch.compile) make both in the backward. A forward with no backward to come gathers from the NCHW
-  planes. Images whose backward fits in one block's shared memory (the image and its grad's sums: 64x64
-  with 3 channels is 96 KB), in batches of at least cuda_ext.SHARED_MIN_SAMPLES, take its shared-memory
-  kernels instead: one block per sample, no copy, the input grad summed with shared-memory atomics.
+  saved for the backward (4/C times the input's size, 4/3 for images, held as long as the autograd graph),
+  and when the input grad is wanted the forward kernel also zeroes its packed scratch (as large again),
+  which saves the backward a fill and a launch; the custom ops (torch.compile) make both in the backward.
+  A forward with no backward to come gathers from the NCHW planes. Images whose backward fits in one
+  block's shared memory (the image and its grad's sums: 64x64 with 3 channels is 96 KB), in batches of at
+  least cuda_ext.SHARED_MIN_SAMPLES, take its shared-memory kernels instead: one block per sample, no copy,
+  the input grad summed with shared-memory atomics.
   Where the extension is not built, or has no code for the GPU, these inputs take Triton.
 """
 from __future__ import annotations

@@ -20,6 +20,12 @@ gs = importlib.import_module("ostnet_fast.kernels.grid_sample")
 triton_run = requires_triton_run()
 
 
+@pytest.fixture(autouse=True)
+def _same_draws():
+    """The upstream grads are random too: the same ones on every run, so that a failure reproduces."""
+    torch.manual_seed(0)
+
+
 def _inputs(in_shape, out_hw, device, seed=0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     x = -2.3 + 0.5 * torch.randn(in_shape, generator=gen, dtype=torch.float64)
@@ -361,11 +367,12 @@ def test_gpu_only_the_needed_grads(need_input, need_grid, shared):
 
 @pytest.mark.gpu
 @needs_ext
+@pytest.mark.parametrize("in_shape", [(3, 3, 33, 47), (3, 3, 32, 48)])  # the second: the 4-pixel unpack
 @pytest.mark.parametrize("out_hw", [(3, 4), (40, 50)])
-def test_gpu_backward_twice(out_hw, monkeypatch):
+def test_gpu_backward_twice(in_shape, out_hw, monkeypatch):
     """retain_graph on the packed path: the forward zeroed the input grad's scratch (over every input pixel,
     also when the output has fewer pixels), the first backward spends it, the second takes a fresh one."""
-    x, grid = _inputs((3, 3, 33, 47), out_hw, "cuda", seed=11)
+    x, grid = _inputs(in_shape, out_hw, "cuda", seed=11)
     _take(False, x, monkeypatch)
     x.requires_grad_(True)
     grid.requires_grad_(True)
@@ -377,6 +384,19 @@ def test_gpu_backward_twice(out_hw, monkeypatch):
     _assert_matches(x, grid, upstream, out, *first, exact=True)
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("out_hw", [(2, 3), (60, 70), (0, 5)])  # fewer, more and no output pixels
+def test_gpu_packed_forward_zeroes_the_scratch(out_hw):
+    x, grid = _inputs((3, 2, 37, 53), out_hw, "cuda")
+    ext = cuda_ext.module()
+    packed = ext.grid_sample_pack(x)
+    scratch = torch.full_like(packed, float("nan"))
+    out = ext.grid_sample_packed_forward(packed, grid, 2, scratch)
+    assert not scratch.any() and not scratch.isnan().any()
+    torch.testing.assert_close(out, ext.grid_sample_packed_forward(packed, grid, 2))  # the same output
 
 
 @pytest.mark.gpu
@@ -465,7 +485,8 @@ def test_gpu_bad_arguments_raise():
         ext.grid_sample_packed_backward(torch.zeros(1, 3, 2, 2, device="cuda"), packed, grid, True, True)
     with pytest.raises(RuntimeError, match="aligned"):
         ext.grid_sample_packed_forward(packed, torch.zeros(19, device="cuda")[1:].view(1, 3, 3, 2), 3)
-    for scratch in (packed[:, :3].contiguous(), packed.double(), packed.transpose(1, 2)):
+    misaligned = torch.zeros(packed.numel() + 1, device="cuda")[1:].view(packed.shape)
+    for scratch in (packed[:, :3].contiguous(), packed.double(), packed.transpose(1, 2), misaligned, packed):
         with pytest.raises(RuntimeError, match="grad_scratch must be"):
             ext.grid_sample_packed_forward(packed, grid, 3, scratch)
         with pytest.raises(RuntimeError, match="grad_scratch must be"):
