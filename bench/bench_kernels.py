@@ -1,7 +1,7 @@
 """Kernel benchmarks: each fused op vs its pure-PyTorch reference / PyTorch's own op, forward and
 forward+backward, at the model's real shapes (batch 1 and 8, 256x256 images, 64x64 / 32x32 features).
 
-    python bench/bench_kernels.py [--out DIR] [--quick]
+    python bench/bench_kernels.py [--out DIR] [--quick] [--batches 1,8] [--ops grid_sample,...]
 
 Rows: op | shape | dtype | mode | ours ms | baseline ms | speedup | GB/s (ours, bytes of inputs+outputs).
 Two timings of each pair: eager (CUDA events around each call: includes the host's launch cost, which
@@ -78,8 +78,10 @@ def tps_case(b, size, dtype):
     return target, coef, ctrl
 
 
-def cases(quick: bool):
-    batches = (1, 8) if not quick else (8,)
+def cases(quick: bool, batches: tuple[int, ...] | None = None):
+    """batches: None is (1, 8), or (8,) when quick."""
+    if batches is None:
+        batches = (8,) if quick else (1, 8)
     for b in batches:
         for dtype in (torch.float32, torch.float16):
             target, coef, ctrl = tps_case(b, 256, dtype)
@@ -172,7 +174,8 @@ OPS = ("dense_motion_front", "dense_motion_combine", "grid_sample", "keypoint_he
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="folder for kernels.json (default: $OUT or bench/results)")
-    ap.add_argument("--quick", action="store_true", help="batch 8 only, fewer iterations")
+    ap.add_argument("--quick", action="store_true", help="fewer iterations, and batch 8 only unless --batches")
+    ap.add_argument("--batches", default="", help="comma-separated batch sizes (default 1,8; 8 with --quick)")
     ap.add_argument("--ops", default="", help=f"comma-separated subset of {', '.join(OPS)}")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph (GPU-time) columns")
     ap.add_argument("--cudnn-benchmark", action="store_true",
@@ -182,6 +185,12 @@ def main(argv=None) -> int:
     unknown = set(filter(None, args.ops.split(","))) - set(OPS)
     if unknown:  # a misspelt name would otherwise measure nothing, silently
         ap.error(f"--ops: unknown {sorted(unknown)}; known: {', '.join(OPS)}")
+    try:
+        batches = tuple(int(b) for b in args.batches.split(",") if b) or None
+    except ValueError:
+        ap.error(f"--batches: comma-separated integers expected, got {args.batches!r}")
+    if batches and min(batches) < 1:
+        ap.error(f"--batches: sizes of 1 or more, got {args.batches!r}")
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -190,7 +199,7 @@ def main(argv=None) -> int:
     iters = 20 if args.quick else 50
     wanted = set(filter(None, args.ops.split(",")))
     rows = []
-    for case in cases(args.quick):
+    for case in cases(args.quick, batches):
         if wanted and case["op"] not in wanted:
             continue
         for mode in case.get("modes", ("fwd", "fwd+bwd")):

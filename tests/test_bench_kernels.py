@@ -25,3 +25,15 @@ def test_unknown_op_is_refused(capsys):
     with pytest.raises(SystemExit) as err:
         bench.main(["--ops", "zconv"])
     assert err.value.code == 2 and "zconv_block" in capsys.readouterr().err
+
+
+def test_batches(monkeypatch, capsys):
+    bench = _load()
+    monkeypatch.setattr(bench, "DEV", "cpu")
+    shapes = lambda **kw: {case["shape"].split()[0] for case in bench.cases(**kw) if case["op"] == "tps_grid"}
+    assert shapes(quick=True) == {"B8"} and shapes(quick=False) == {"B1", "B8"}
+    assert shapes(quick=True, batches=(1,)) == {"B1"}
+    for bad in ("1,x", "0"):
+        with pytest.raises(SystemExit) as err:
+            bench.main(["--batches", bad])
+        assert err.value.code == 2 and "--batches" in capsys.readouterr().err
