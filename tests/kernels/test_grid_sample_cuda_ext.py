@@ -297,16 +297,22 @@ def _take(shared, x, monkeypatch):
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("in_shape,out_hw,exact", GPU_SHAPES)
 def test_gpu_matches_reference(in_shape, out_hw, exact, shared, monkeypatch):
-    x, grid = _inputs(in_shape, out_hw, "cuda", seed=in_shape[1])
+    x, grid, out, upstream = _sampled(in_shape, out_hw, in_shape[1], shared, monkeypatch)
+    gx, gg = torch.autograd.grad(out, (x, grid), upstream)
+    _assert_matches(x, grid, upstream, out, gx, gg, exact)
+
+
+def _sampled(in_shape, out_hw, seed, shared, monkeypatch):
+    """Inputs wanting grads, sampled by the extension's shared-memory or packed kernels on a poisoned
+    allocator -> (x, grid, out, a random upstream grad)."""
+    x, grid = _inputs(in_shape, out_hw, "cuda", seed=seed)
     assert cuda_ext.grid_sample_applies(x, grid)  # else this would test the Triton kernel
     _take(shared, x, monkeypatch)
     x.requires_grad_(True)
     grid.requires_grad_(True)
     _poison_allocator()
     out = gs.grid_sample(x, grid, impl="triton")
-    upstream = torch.randn_like(out)
-    gx, gg = torch.autograd.grad(out, (x, grid), upstream)
-    _assert_matches(x, grid, upstream, out, gx, gg, exact)
+    return x, grid, out, torch.randn_like(out)
 
 
 def _assert_matches(x, grid, upstream, out, gx, gg, exact):
@@ -372,13 +378,7 @@ def test_gpu_only_the_needed_grads(need_input, need_grid, shared):
 def test_gpu_backward_twice(in_shape, out_hw, monkeypatch):
     """retain_graph on the packed path: the forward zeroed the input grad's scratch (over every input pixel,
     also when the output has fewer pixels), the first backward spends it, the second takes a fresh one."""
-    x, grid = _inputs(in_shape, out_hw, "cuda", seed=11)
-    _take(False, x, monkeypatch)
-    x.requires_grad_(True)
-    grid.requires_grad_(True)
-    _poison_allocator()
-    out = gs.grid_sample(x, grid, impl="triton")
-    upstream = torch.randn_like(out)
+    x, grid, out, upstream = _sampled(in_shape, out_hw, 11, False, monkeypatch)
     first = torch.autograd.grad(out, (x, grid), upstream, retain_graph=True)
     second = torch.autograd.grad(out, (x, grid), upstream)
     _assert_matches(x, grid, upstream, out, *first, exact=True)
