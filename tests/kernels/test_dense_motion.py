@@ -321,6 +321,36 @@ def test_gpu_combine_production(feat, channels_last):
         _assert_close(g, r, 1e-3 * max(1.0, r.abs().max().item()), f"grad {name}")
 
 
+def _low_precision_grads_within(fn, inputs32, dtype, names, *args):
+    """fn's grads in `dtype` against fp32 ones: at most twice PyTorch's own low-precision error (the
+    reference run in `dtype`) plus atol, relative to each grad's scale (some are sums over pixels)."""
+    leaves32 = [t.detach().requires_grad_(True) if t is not None else None for t in inputs32]
+    leaves_lp = [t.detach().to(dtype).requires_grad_(True) if t is not None else None for t in inputs32]
+    outs32 = fn(*leaves32, *args, impl="reference")
+    gen = torch.Generator().manual_seed(7)
+    up = [torch.randn(o.shape, generator=gen).to(o.device) for o in outs32]
+    ref = _grads(outs32, leaves32, up)
+    ours = _grads(fn(*leaves_lp, *args, impl="triton"), leaves_lp, [u.to(dtype) for u in up])
+    torch_lp = _grads(fn(*leaves_lp, *args, impl="reference"), leaves_lp, [u.to(dtype) for u in up])
+    for name, o, t, r in zip(names, ours, torch_lp, ref):
+        assert o.dtype == dtype, name
+        err_ours = (o.float() - r).abs().max().item()
+        err_torch = (t.float() - r).abs().max().item()
+        scale = max(1.0, r.abs().max().item())
+        assert err_ours <= 2 * err_torch + TOL[dtype] * scale, f"grad {name}: ours {err_ours:.3g} vs PyTorch {err_torch:.3g}"
+
+
+@triton_run
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_grads(dtype):
+    front = _front_inputs(2, 3, 3, 9, 7, torch.float32, True)
+    _low_precision_grads_within(dm.dense_motion_front, front, dtype, ["source", "kp_source", "kp_driving",
+                                                                        "jacobian"], 0.05)
+    combine = _combine_inputs(2, 4, 7, 9, 5, 4, 5, torch.float32, True)
+    _low_precision_grads_within(dm.dense_motion_combine, combine, dtype, ["mask_logits", "motions", "feature",
+                                                                            "occlusion"])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("feat", [(256, 64, 64), (512, 32, 32)])
