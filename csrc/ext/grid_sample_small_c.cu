@@ -61,6 +61,11 @@ __device__ __forceinline__ Taps bilinear_taps(float2 g, int H, int W) {
   return t;
 }
 
+// The bilinear sum of a tap's 4 values with its weights.
+__device__ __forceinline__ float blend(const Taps& t, float v00, float v01, float v10, float v11) {
+  return t.wy0 * (t.wx0 * v00 + t.wx1 * v01) + t.wy1 * (t.wx0 * v10 + t.wx1 * v11);
+}
+
 __device__ __forceinline__ float4 scale(float4 v, float w) { return make_float4(v.x * w, v.y * w, v.z * w, v.w * w); }
 
 __device__ __forceinline__ void atomic_add4(float4* p, float4 v, int C) {
@@ -112,7 +117,7 @@ __global__ void forward_kernel(const float* __restrict__ in, const float2* __res
     const float v01 = t.m01 ? __ldg(s + 1) : 0.f;
     const float v10 = t.m10 ? __ldg(s + W) : 0.f;
     const float v11 = t.m11 ? __ldg(s + W + 1) : 0.f;
-    dst[c * HWo] = t.wy0 * (t.wx0 * v00 + t.wx1 * v01) + t.wy1 * (t.wx0 * v10 + t.wx1 * v11);
+    dst[c * HWo] = blend(t, v00, v01, v10, v11);
   }
 }
 
@@ -129,10 +134,8 @@ __global__ void packed_forward_kernel(const float4* __restrict__ packed, const f
   const Taps t = bilinear_taps(grid[i], H, W);
   const Corners v = load_corners(packed, packed_base(b, t, H, W), t, W);
   const float r[kMaxChannels] = {
-      t.wy0 * (t.wx0 * v.v00.x + t.wx1 * v.v01.x) + t.wy1 * (t.wx0 * v.v10.x + t.wx1 * v.v11.x),
-      t.wy0 * (t.wx0 * v.v00.y + t.wx1 * v.v01.y) + t.wy1 * (t.wx0 * v.v10.y + t.wx1 * v.v11.y),
-      t.wy0 * (t.wx0 * v.v00.z + t.wx1 * v.v01.z) + t.wy1 * (t.wx0 * v.v10.z + t.wx1 * v.v11.z),
-      t.wy0 * (t.wx0 * v.v00.w + t.wx1 * v.v01.w) + t.wy1 * (t.wx0 * v.v10.w + t.wx1 * v.v11.w)};
+      blend(t, v.v00.x, v.v01.x, v.v10.x, v.v11.x), blend(t, v.v00.y, v.v01.y, v.v10.y, v.v11.y),
+      blend(t, v.v00.z, v.v01.z, v.v10.z, v.v11.z), blend(t, v.v00.w, v.v01.w, v.v10.w, v.v11.w)};
   float* dst = out + b * C * HWo + p;
 #pragma unroll
   for (int c = 0; c < kMaxChannels; ++c)
@@ -266,7 +269,7 @@ __global__ void __launch_bounds__(kSharedThreads) shared_forward_kernel(
       const float* s = img + c * plane;
       const float v00 = t.m00 ? s[o] : 0.f, v01 = t.m01 ? s[o + 1] : 0.f;
       const float v10 = t.m10 ? s[o + W] : 0.f, v11 = t.m11 ? s[o + W + 1] : 0.f;
-      dst[c * HWo + p] = t.wy0 * (t.wx0 * v00 + t.wx1 * v01) + t.wy1 * (t.wx0 * v10 + t.wx1 * v11);
+      dst[c * HWo + p] = blend(t, v00, v01, v10, v11);
     }
   }
 }

@@ -136,14 +136,20 @@ def _fake_module(calls, shared=None):
     return ext
 
 
+def _take_fake_module(monkeypatch, shared=None):
+    """The stand-in module in place of the extension, taking every input -> the list its calls go to."""
+    calls = []
+    monkeypatch.setattr(cuda_ext, "module", lambda: _fake_module(calls, shared))
+    monkeypatch.setattr(cuda_ext, "grid_sample_applies", lambda input, grid: True)
+    return calls
+
+
 @triton_run
 @pytest.mark.parametrize("need", ["both", "input", "grid"])
 def test_grid_sample_routes_through_the_extension(monkeypatch, need):
     """A stand-in module behind grid_sample_applies: grid_sample packs once, and its forward and backward call
     the module with the right arguments and hand back its results in the right places."""
-    calls = []
-    monkeypatch.setattr(cuda_ext, "module", lambda: _fake_module(calls))
-    monkeypatch.setattr(cuda_ext, "grid_sample_applies", lambda input, grid: True)
+    calls = _take_fake_module(monkeypatch)
     x, grid = _inputs((2, 3, 7, 9), (5, 6), "cpu")
     x.requires_grad_(need in ("both", "input"))
     grid.requires_grad_(need in ("both", "grid"))
@@ -163,9 +169,7 @@ def test_grid_sample_routes_through_the_extension(monkeypatch, need):
 def test_a_second_backward_takes_a_fresh_scratch(monkeypatch):
     """retain_graph: the forward's zeroed scratch holds the first backward's sums, so the second must not
     sum into it again (the stand-in fills a spent scratch with NaN)."""
-    calls = []
-    monkeypatch.setattr(cuda_ext, "module", lambda: _fake_module(calls))
-    monkeypatch.setattr(cuda_ext, "grid_sample_applies", lambda input, grid: True)
+    calls = _take_fake_module(monkeypatch)
     x, grid = _inputs((2, 3, 7, 9), (5, 6), "cpu")
     x.requires_grad_(True)
     out = gs.grid_sample(x, grid, impl="triton")
@@ -178,9 +182,7 @@ def test_a_second_backward_takes_a_fresh_scratch(monkeypatch):
 
 @triton_run
 def test_no_grad_forward_does_not_pack(monkeypatch):
-    calls = []
-    monkeypatch.setattr(cuda_ext, "module", lambda: _fake_module(calls))
-    monkeypatch.setattr(cuda_ext, "grid_sample_applies", lambda input, grid: True)
+    calls = _take_fake_module(monkeypatch)
     x, grid = _inputs((2, 3, 7, 9), (5, 6), "cpu")
     out = gs.grid_sample(x, grid, impl="triton")
     assert calls == ["forward"]
@@ -191,9 +193,7 @@ def test_no_grad_forward_does_not_pack(monkeypatch):
 def test_custom_op_backward_routes_through_the_extension(monkeypatch):
     """torch.compile's path: the forward op gathers from the planes; the backward op gets the input, not a
     packed copy, and packs it itself."""
-    calls = []
-    monkeypatch.setattr(cuda_ext, "module", lambda: _fake_module(calls))
-    monkeypatch.setattr(cuda_ext, "grid_sample_applies", lambda input, grid: True)
+    calls = _take_fake_module(monkeypatch)
     x, grid = _inputs((2, 3, 7, 9), (5, 6), "cpu")
     upstream = torch.randn(2, 3, 5, 6)
     out = gs._grid_sample_fwd(x, grid)
@@ -210,9 +210,7 @@ def test_custom_op_backward_routes_through_the_extension(monkeypatch):
 def test_images_in_shared_memory_take_the_shared_kernels(monkeypatch, need):
     """An image that fits, in a batch of SHARED_MIN_SAMPLES or more: no pack, the input itself saved, the
     shared-memory forward and backward called with the right arguments, their results handed back."""
-    calls = []
-    monkeypatch.setattr(cuda_ext, "module", lambda: _fake_module(calls, shared=True))
-    monkeypatch.setattr(cuda_ext, "grid_sample_applies", lambda input, grid: True)
+    calls = _take_fake_module(monkeypatch, shared=True)
     monkeypatch.setattr(cuda_ext, "SHARED_MIN_SAMPLES", 2)
     x, grid = _inputs((2, 3, 7, 9), (5, 6), "cpu")
     x.requires_grad_(need in ("both", "input"))
@@ -236,9 +234,7 @@ def test_images_in_shared_memory_take_the_shared_kernels(monkeypatch, need):
 @triton_run
 @pytest.mark.parametrize("fits, min_samples", [(False, 1), (True, 3)])
 def test_shared_kernels_need_a_fit_and_enough_samples(monkeypatch, fits, min_samples):
-    calls = []
-    monkeypatch.setattr(cuda_ext, "module", lambda: _fake_module(calls, shared=fits))
-    monkeypatch.setattr(cuda_ext, "grid_sample_applies", lambda input, grid: True)
+    calls = _take_fake_module(monkeypatch, shared=fits)
     monkeypatch.setattr(cuda_ext, "SHARED_MIN_SAMPLES", min_samples)
     x, grid = _inputs((2, 3, 7, 9), (5, 6), "cpu")
     x.requires_grad_(True)
