@@ -394,6 +394,31 @@ torch::Tensor forward(const torch::Tensor& input, const torch::Tensor& grid) {
   return out;
 }
 
+// The backwards' grad_out: NCHW-contiguous fp32 (B, 1 to 4 channels, H, W) on like's device, H x W the grid's.
+void check_grad_out(const torch::Tensor& grad_out, const torch::Tensor& like, const torch::Tensor& grid, const char* op) {
+  TORCH_CHECK(grad_out.is_cuda() && grad_out.device() == like.device() && grad_out.dim() == 4 &&
+                  grad_out.is_contiguous() && grad_out.scalar_type() == torch::kFloat32 &&
+                  grad_out.size(0) == grid.size(0) && grad_out.size(1) >= 1 && grad_out.size(1) <= kMaxChannels &&
+                  grad_out.size(2) == grid.size(1) && grad_out.size(3) == grid.size(2),
+              op, ": grad_out must be NCHW-contiguous fp32 (B, 1 to 4 channels, H, W) matching the grid");
+}
+
+// The backwards' results: (grad_input (B, C, H, W) NCHW fp32 or an empty tensor, grad_grid or an empty tensor),
+// left uninitialised for kernels that write every element (grad_grid: each thread its pixel's). With nothing
+// sampled or nothing to sample from, no kernel runs: zeros then.
+std::vector<torch::Tensor> backward_outputs(const torch::Tensor& grid, int64_t C, int64_t H, int64_t W,
+                                            bool need_input, bool need_grid) {
+  const int64_t B = grid.size(0);
+  const auto f32 = grid.options();
+  torch::Tensor grad_input = need_input ? torch::empty({B, C, H, W}, f32) : torch::empty({0}, f32);
+  torch::Tensor grad_grid = need_grid ? torch::empty_like(grid) : torch::empty({0}, f32);
+  if (B * grid.size(1) * grid.size(2) == 0 || H * W == 0) {
+    grad_input.zero_();
+    grad_grid.zero_();
+  }
+  return {grad_input, grad_grid};
+}
+
 // A grad scratch for the packed backward: packed's shape, dtype and device, contiguous and float4-aligned,
 // and not packed's memory (the kernels read the image while they write the scratch).
 void check_scratch(const torch::Tensor& scratch, const torch::Tensor& packed, const char* op) {
@@ -438,26 +463,14 @@ std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::
   check_packed(packed, op);
   check_grid(grid, packed, packed.size(0), op);
   if (grad_scratch) check_scratch(*grad_scratch, packed, op);
-  const int64_t B = packed.size(0), H = packed.size(1), W = packed.size(2);
-  TORCH_CHECK(grad_out.is_cuda() && grad_out.device() == packed.device() && grad_out.dim() == 4 &&
-                  grad_out.is_contiguous() && grad_out.scalar_type() == torch::kFloat32 && grad_out.size(0) == B &&
-                  grad_out.size(1) >= 1 && grad_out.size(1) <= kMaxChannels && grad_out.size(2) == grid.size(1) &&
-                  grad_out.size(3) == grid.size(2),
-              op, ": grad_out must be NCHW-contiguous fp32 (B, 1 to 4 channels, H, W) matching the grid");
-  const int64_t C = grad_out.size(1);
+  check_grad_out(grad_out, packed, grid, op);
+  const int64_t B = packed.size(0), C = grad_out.size(1), H = packed.size(1), W = packed.size(2);
   const c10::cuda::CUDAGuard guard(packed.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t HWo = grid.size(1) * grid.size(2), total = B * HWo, plane = H * W, pixels = B * plane;
-  const auto f32 = packed.options();
-  // grad_input: unpack writes every element; grad_grid: every thread writes its pixel's
-  torch::Tensor grad_input = need_input ? torch::empty({B, C, H, W}, f32) : torch::empty({0}, f32);
-  torch::Tensor grad_grid = need_grid ? torch::empty_like(grid) : torch::empty({0}, f32);
-  if (total == 0 || pixels == 0) {
-    if (need_input) grad_input.zero_();
-    if (need_grid) grad_grid.zero_();
-    return {grad_input, grad_grid};
-  }
-  if (!(need_input || need_grid)) return {grad_input, grad_grid};
+  auto grads = backward_outputs(grid, C, H, W, need_input, need_grid);  // unpack writes every grad_input element
+  if (total == 0 || pixels == 0 || !(need_input || need_grid)) return grads;
+  const torch::Tensor &grad_input = grads[0], &grad_grid = grads[1];
   torch::Tensor grad_packed = !need_input ? torch::Tensor() : grad_scratch ? *grad_scratch : torch::zeros_like(packed);
   auto* grad_packed_ptr = need_input ? reinterpret_cast<float4*>(grad_packed.data_ptr<float>()) : nullptr;
   auto* grad_grid_ptr = need_grid ? reinterpret_cast<float2*>(grad_grid.data_ptr<float>()) : nullptr;
@@ -481,7 +494,7 @@ std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::
                                                                   static_cast<int>(C), plane, pixels);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {grad_input, grad_grid};
+  return grads;
 }
 
 
@@ -541,23 +554,14 @@ std::vector<torch::Tensor> shared_backward(const torch::Tensor& grad_out, const 
   const char* op = "grid_sample_shared_backward";
   check_image(input, op);
   check_grid(grid, input, input.size(0), op);
+  check_grad_out(grad_out, input, grid, op);
+  TORCH_CHECK(grad_out.size(1) == input.size(1), op, ": grad_out must have the input's channels");
   const int64_t B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  TORCH_CHECK(grad_out.is_cuda() && grad_out.device() == input.device() && grad_out.dim() == 4 &&
-                  grad_out.is_contiguous() && grad_out.scalar_type() == torch::kFloat32 && grad_out.size(0) == B &&
-                  grad_out.size(1) == C && grad_out.size(2) == grid.size(1) && grad_out.size(3) == grid.size(2),
-              op, ": grad_out must be NCHW-contiguous fp32 (B, C, H, W) matching the input and the grid");
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t HWo = grid.size(1) * grid.size(2);
-  const auto f32 = input.options();
-  // grad_input: the kernel writes every element from its sums; grad_grid: every thread writes its pixel's
-  torch::Tensor grad_input = need_input ? torch::empty({B, C, H, W}, f32) : torch::empty({0}, f32);
-  torch::Tensor grad_grid = need_grid ? torch::empty_like(grid) : torch::empty({0}, f32);
-  if (B * HWo == 0 || H * W == 0) {
-    if (need_input) grad_input.zero_();
-    if (need_grid) grad_grid.zero_();
-    return {grad_input, grad_grid};
-  }
-  if (!(need_input || need_grid)) return {grad_input, grad_grid};
+  auto grads = backward_outputs(grid, C, H, W, need_input, need_grid);  // the kernel writes every element from its sums
+  if (B * HWo == 0 || H * W == 0 || !(need_input || need_grid)) return grads;
+  const torch::Tensor &grad_input = grads[0], &grad_grid = grads[1];
   const int64_t bytes = shared_bytes(input, static_cast<int>(need_input) + static_cast<int>(need_grid));
   const int64_t limit = shared_limit(input.get_device());
   const auto launch = [&](auto kernel) {
@@ -572,7 +576,7 @@ std::vector<torch::Tensor> shared_backward(const torch::Tensor& grad_out, const 
   else if (need_input) launch(shared_backward_kernel<true, false>);
   else launch(shared_backward_kernel<false, true>);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {grad_input, grad_grid};
+  return grads;
 }
 
 }  // namespace
