@@ -210,4 +210,7 @@ def test_the_compiled_fused_step_runs_our_kernels_and_equals_eager(monkeypatch):
     # The z-conv blocks are left to inductor under compile (it fuses BN + ReLU + pool around the conv).
     assert "zconv_epilogue" not in seen["forward"], seen
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    assert rel(grads[1], grads[0]) < 1e-4
+    # Inductor's own rounding: on the reference model (none of our kernels) the keypoint detector's conv-weight
+    # gradients differ compiled vs. eager by 1.1-1.6e-4, and here by as much (1.41e-4 in all, with or without
+    # the CUDA extension; eager vs. eager 3e-7; H200, s17, bench/results/h200-2026-12-01-s17/compiled_step_rel.py)
+    assert rel(grads[1], grads[0]) < 5e-4
