@@ -386,9 +386,11 @@ def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto")
     bench before and after, on two machines): up 512 -> 256 on 32x32 1.15 -> 1.22x (fp32) and 1.17 ->
     1.34x (fp16) at inference, 1.01 -> 1.12x / 0.96 -> 1.03x forward + backward; up 128 -> 64 on 128x128
     1.46 -> 1.74x / 1.47 -> 2.32x, 1.40 -> 1.49x / 1.56 -> 1.73x (the s13 figures, after the channels-last
-    convolution and the Triton interleave, are in subpixel_conv3x3). Smaller outputs (every up block of a
-    batch-1 frame) keep the upsampled convolution: the weight launches would cost more than the convolution
-    saves there (not measured), and under torch.compile it is not measured at all."""
+    convolution and the Triton interleave, are in subpixel_conv3x3). Smaller outputs keep the upsampled
+    convolution: at batch 1 (H200, GPU time, bench/results/h200-2026-12-01-s17/subpixel_b1_ab.py) up 512 ->
+    256 on 32x32 (1M output values) took 97 -> 119 us low-resolution (fp32 inference), 234 -> 397 us (fp16
+    forward + backward): its weight launches and a (B, 1024, 33, 33) convolution cost more than it saves;
+    up 128 -> 64 on 128x128 (4.2M) 125 -> 82 us and 339 -> 228 us. Under torch.compile it is not measured."""
     out_values = x.shape[0] * weight.shape[0] * 4 * x.shape[2] * x.shape[3]
     if (use_triton("conv2d", impl, x, weight) and not torch.compiler.is_compiling()
             and weight.shape[-2:] == (3, 3) and out_values > SUBPIXEL_FROM):
@@ -396,9 +398,10 @@ def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto")
     return conv2d(F.interpolate(x, scale_factor=2), weight, None, (1, 1), impl)
 
 
-# upsampled_conv3x3 takes the low-resolution form above this many output values (B * C_out * 2H * 2W): the
-# batch-8 up blocks it was measured at (8.4M and 33.6M values), none of a batch-1 frame (at most 4.2M).
-SUBPIXEL_FROM = 2 ** 22
+# upsampled_conv3x3 takes the low-resolution form above this many output values (B * C_out * 2H * 2W):
+# between the blocks it was measured slower at (1M values: up 512 -> 256 on 32x32 at batch 1) and faster at
+# (4.2M: up 128 -> 64 on 128x128 at batch 1; 8.4M and 33.6M, both up blocks at batch 8).
+SUBPIXEL_FROM = 2 ** 21
 
 
 RELAYOUT_BLOCK = 64  # (channels x pixels) tile of relayout's copy
