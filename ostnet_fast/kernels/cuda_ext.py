@@ -116,6 +116,14 @@ def grid_sample_shared(input: torch.Tensor) -> bool:
     return input.shape[0] >= wanted and ext.grid_sample_shared_fits(input)
 
 
+def grid_sample_kernels(input: torch.Tensor, grid: torch.Tensor) -> str | None:
+    """Which of the extension's kernels run this grid_sample, forward and backward: "shared" (the image in
+    shared memory), "packed", or None where the extension does not apply (the Triton kernels do)."""
+    if not grid_sample_applies(input, grid):
+        return None
+    return "shared" if grid_sample_shared(input) else "packed"
+
+
 def grid_sample_shared_forward(input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return module().grid_sample_shared_forward(input, grid)
 

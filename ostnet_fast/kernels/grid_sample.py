@@ -145,11 +145,12 @@ def _prepare(input: torch.Tensor, grid: torch.Tensor):
     return tu.dense_4d(input), grid.contiguous()
 
 
-def _grid_sample_fwd(input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """input (B, C, H_in, W_in) NCHW/channels-last, grid (B, H, W, 2) contiguous -> (B, C, H, W)."""
-    if cuda_ext.grid_sample_applies(input, grid):
-        if cuda_ext.grid_sample_shared(input):
-            return cuda_ext.grid_sample_shared_forward(input, grid)
+def _grid_sample_fwd(input: torch.Tensor, grid: torch.Tensor, kernels: str | None) -> torch.Tensor:
+    """input (B, C, H_in, W_in) NCHW/channels-last, grid (B, H, W, 2) contiguous -> (B, C, H, W); kernels:
+    cuda_ext.grid_sample_kernels(input, grid), asked once per call by the caller."""
+    if kernels == "shared":
+        return cuda_ext.grid_sample_shared_forward(input, grid)
+    if kernels == "packed":  # no backward to come (GridSampleFn packs for one): from the NCHW planes
         return cuda_ext.grid_sample_forward(input, grid)
     b, c, h_in, w_in = input.shape
     _, h, w, _ = grid.shape
@@ -173,11 +174,11 @@ CHANNELS_LAST_BWD_FROM = 16
 
 
 def _grid_sample_bwd(grad_out: torch.Tensor, input: torch.Tensor, grid: torch.Tensor, need_input: bool,
-                     need_grid: bool):
-    """-> (grad_input or None, grad_grid or None)."""
-    if cuda_ext.grid_sample_applies(input, grid):
-        if cuda_ext.grid_sample_shared(input):
-            return cuda_ext.grid_sample_shared_backward(grad_out, input, grid, need_input, need_grid)
+                     need_grid: bool, kernels: str | None):
+    """-> (grad_input or None, grad_grid or None); kernels as _grid_sample_fwd's."""
+    if kernels == "shared":
+        return cuda_ext.grid_sample_shared_backward(grad_out, input, grid, need_input, need_grid)
+    if kernels == "packed":
         return cuda_ext.grid_sample_backward(grad_out, cuda_ext.grid_sample_pack(input), grid, need_input, need_grid)
     b, c, h_in, w_in = input.shape
     _, h, w, _ = grid.shape
@@ -190,7 +191,7 @@ def _grid_sample_bwd(grad_out: torch.Tensor, input: torch.Tensor, grid: torch.Te
         # channels-last kernel's aligned tiles (tu.sample_blocks), the case measured (256 and 512 channels).
         copy = input.contiguous(memory_format=torch.channels_last)
         if tu.is_channels_last(copy):  # not for 1x1 or empty maps, where both layouts are the same
-            gin, ggrid = _grid_sample_bwd(grad_out, copy, grid, need_input, need_grid)
+            gin, ggrid = _grid_sample_bwd(grad_out, copy, grid, need_input, need_grid, None)  # (not NCHW: Triton)
             return (gin.contiguous() if gin is not None else None), ggrid
     grad_out = tu.dense_4d(grad_out)
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
@@ -235,9 +236,8 @@ class GridSampleFn(torch.autograd.Function):
     def forward(ctx, input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         input, grid = _prepare(input, grid)
         # grid_sample() applies this Function only when a grad is wanted (without one it calls _grid_sample_fwd)
-        ext = cuda_ext.grid_sample_applies(input, grid)
-        ctx.packed = ext and not cuda_ext.grid_sample_shared(input)
-        if ctx.packed:  # the extension's packed copy serves the forward and is kept for the backward
+        ctx.kernels = cuda_ext.grid_sample_kernels(input, grid)
+        if ctx.kernels == "packed":  # the extension's packed copy serves the forward and is kept for the backward
             packed = cuda_ext.grid_sample_pack(input)
             # the input grad's scratch, zeroed by the forward kernel; spent by the first backward
             scratch = torch.empty_like(packed) if ctx.needs_input_grad[0] else None
@@ -245,7 +245,7 @@ class GridSampleFn(torch.autograd.Function):
             ctx.save_for_backward(packed, grid, scratch)
             return cuda_ext.grid_sample_packed_forward(packed, grid, input.shape[1], scratch)
         ctx.save_for_backward(input, grid)  # (the shared-memory kernels take the input itself)
-        return _grid_sample_fwd(input, grid)
+        return _grid_sample_fwd(input, grid, ctx.kernels)
 
     @staticmethod
     @once_differentiable
@@ -254,19 +254,19 @@ class GridSampleFn(torch.autograd.Function):
         need_input, need_grid = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_input or need_grid):
             return None, None
-        if ctx.packed:
+        if ctx.kernels == "packed":
             # a second backward (retain_graph=True) finds the scratch holding the first one's sums: a fresh one
             fresh, ctx.scratch_fresh = ctx.scratch_fresh, False
             return cuda_ext.grid_sample_backward(grad_out, saved, grid, need_input, need_grid,
                                                  scratch[0] if fresh else None)
-        return _grid_sample_bwd(grad_out, saved, grid, need_input, need_grid)
+        return _grid_sample_bwd(grad_out, saved, grid, need_input, need_grid, ctx.kernels)
 
 
 # The same kernels as custom ops, for torch.compile: opaque to dynamo, so inductor compiles the code around
 # them (GridSampleFn's Python launch code cannot be traced). Eager calls take GridSampleFn (less overhead).
 @torch.library.custom_op("ostnet::grid_sample", mutates_args=())
 def _grid_sample_op(input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    return _grid_sample_fwd(input, grid)
+    return _grid_sample_fwd(input, grid, cuda_ext.grid_sample_kernels(input, grid))
 
 
 @_grid_sample_op.register_fake
@@ -278,7 +278,8 @@ def _(input, grid):
 @torch.library.custom_op("ostnet::grid_sample_backward", mutates_args=())
 def _grid_sample_backward_op(grad_out: torch.Tensor, input: torch.Tensor, grid: torch.Tensor, need_input: bool,
                              need_grid: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    gin, ggrid = _grid_sample_bwd(grad_out, input, grid, need_input, need_grid)
+    gin, ggrid = _grid_sample_bwd(grad_out, input, grid, need_input, need_grid,
+                                  cuda_ext.grid_sample_kernels(input, grid))
     return (input.new_empty(0) if gin is None else gin), (grid.new_empty(0) if ggrid is None else ggrid)
 
 
@@ -310,6 +311,7 @@ def grid_sample(input: torch.Tensor, grid: torch.Tensor, impl: str = "auto") -> 
         if torch.compiler.is_compiling():
             return _grid_sample_op(*_prepare(input, grid))
         if not (torch.is_grad_enabled() and (input.requires_grad or grid.requires_grad)):
-            return _grid_sample_fwd(*_prepare(input, grid))  # no graph to record (needs_input_grad would say yes)
+            input, grid = _prepare(input, grid)  # no graph to record (needs_input_grad would say yes)
+            return _grid_sample_fwd(input, grid, cuda_ext.grid_sample_kernels(input, grid))
         return GridSampleFn.apply(input, grid)
     return grid_sample_reference(input, grid)

@@ -196,8 +196,9 @@ def test_custom_op_backward_routes_through_the_extension(monkeypatch):
     calls = _take_fake_module(monkeypatch)
     x, grid = _inputs((2, 3, 7, 9), (5, 6), "cpu")
     upstream = torch.randn(2, 3, 5, 6)
-    out = gs._grid_sample_fwd(x, grid)
-    gx, gg = gs._grid_sample_bwd(upstream, x, grid, True, True)
+    kernels = cuda_ext.grid_sample_kernels(x, grid)
+    out = gs._grid_sample_fwd(x, grid, kernels)
+    gx, gg = gs._grid_sample_bwd(upstream, x, grid, True, True, kernels)
     ref_out, ref_gx, ref_gg = _reference(x, grid, upstream)
     assert calls == ["forward", "pack", ("backward", True, True, False)]
     torch.testing.assert_close(out, ref_out.float())
@@ -225,7 +226,7 @@ def test_images_in_shared_memory_take_the_shared_kernels(monkeypatch, need):
     for leaf, g in zip(leaves, grads):
         torch.testing.assert_close(g, (ref_gx if leaf is x else ref_gg).float())
     calls.clear()  # the custom ops' path (torch.compile) and a forward with no backward to come
-    gs._grid_sample_bwd(upstream, x.detach(), grid.detach(), True, True)
+    gs._grid_sample_bwd(upstream, x.detach(), grid.detach(), True, True, cuda_ext.grid_sample_kernels(x, grid))
     with torch.no_grad():
         gs.grid_sample(x, grid, impl="triton")
     assert calls == [("shared_backward", True, True), "shared_forward"]
@@ -343,7 +344,7 @@ def test_gpu_forward_without_grad_and_custom_op_backward(in_shape, out_hw, exact
     with torch.no_grad():
         out = gs.grid_sample(x, grid, impl="triton")
     upstream = torch.randn_like(out)
-    gx, gg = gs._grid_sample_bwd(upstream, x, grid, True, True)
+    gx, gg = gs._grid_sample_bwd(upstream, x, grid, True, True, cuda_ext.grid_sample_kernels(x, grid))
     _assert_matches(x, grid, upstream, out, gx, gg, exact)
 
 
